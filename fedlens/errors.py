@@ -1,0 +1,97 @@
+"""The one exception tree of fedlens.
+
+::
+
+    FedlensError
+    ├── ConfigurationError        a setting or argument is invalid
+    ├── PrivacyError
+    │   └── BudgetExceededError   the work would take a site past its (ε, δ) budget
+    ├── ProtocolError
+    │   ├── IntegrityError        a message is malformed: wrong length, out of field, NaN, bad key
+    │   ├── DuplicateSubmissionError  a site sent the same phase twice
+    │   ├── UnknownRoundError     no such round
+    │   ├── StaleRoundError       the round is closed or in another phase
+    │   └── DropoutError          too few sites remain to finish the round
+    ├── ExplanationError          an explanation cannot be computed for this input
+    ├── DatasetError              a dataset or partition request is invalid
+    └── StorageError
+        └── NotFoundError         a stored object does not exist
+
+The transports map each class to one gRPC status code in a single table
+(``server/errors.py``); library code raises these and never a bare ``Exception``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExceededError",
+    "ConfigurationError",
+    "DatasetError",
+    "DropoutError",
+    "DuplicateSubmissionError",
+    "ExplanationError",
+    "FedlensError",
+    "IntegrityError",
+    "NotFoundError",
+    "PrivacyError",
+    "ProtocolError",
+    "StaleRoundError",
+    "StorageError",
+    "UnknownRoundError",
+]
+
+
+class FedlensError(Exception):
+    """Base class of every error fedlens raises on purpose."""
+
+
+class ConfigurationError(FedlensError):
+    """A setting or argument is invalid; the message names it and the accepted range."""
+
+
+class PrivacyError(FedlensError):
+    """A privacy rule refuses the request."""
+
+
+class BudgetExceededError(PrivacyError):
+    """The requested work would take a site past its privacy budget; nothing was spent."""
+
+
+class ProtocolError(FedlensError):
+    """A secure-aggregation message or round transition is not acceptable."""
+
+
+class IntegrityError(ProtocolError):
+    """A message is malformed (wrong length, value outside the field, NaN, bad key)."""
+
+
+class DuplicateSubmissionError(ProtocolError):
+    """A site sent a message for a phase it has already completed."""
+
+
+class UnknownRoundError(ProtocolError):
+    """The round id names no round."""
+
+
+class StaleRoundError(ProtocolError):
+    """The round is closed, aborted, or in a phase that does not accept this message."""
+
+
+class DropoutError(ProtocolError):
+    """Too few sites remain for the round to finish; nothing is revealed."""
+
+
+class ExplanationError(FedlensError):
+    """An explanation cannot be computed for the given model, data or specification."""
+
+
+class DatasetError(FedlensError):
+    """A dataset, partition or preprocessing request is invalid."""
+
+
+class StorageError(FedlensError):
+    """The store failed or holds inconsistent data."""
+
+
+class NotFoundError(StorageError):
+    """A stored object (release, round, site) does not exist."""

@@ -1,0 +1,148 @@
+"""Shared domain types: what crosses the wire, in plain frozen dataclasses.
+
+Only :mod:`fedlens.wire` converts these to and from protobuf messages.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "KeyAdvertisement",
+    "MaskedSubmission",
+    "PrivacyCost",
+    "Release",
+    "ReleaseSummary",
+    "ReleasedValue",
+    "RoundPhase",
+    "RoundSpec",
+    "RoundStatus",
+]
+
+
+class RoundPhase(enum.Enum):
+    """Where a secure-aggregation round stands."""
+
+    ADVERTISING = "advertising"
+    COLLECTING = "collecting"
+    COMPLETE = "complete"
+    ABORTED = "aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RoundPhase.COMPLETE, RoundPhase.ABORTED)
+
+
+@dataclass(frozen=True)
+class PrivacyCost:
+    """What one site spent on one release: (epsilon, delta) alone, and its composed total."""
+
+    site_id: str
+    epsilon: float
+    delta: float
+    epsilon_total: float
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """Everything the aggregator needs to run a round and post-process its sum.
+
+    Attributes
+    ----------
+    length
+        Length of every contribution vector, ``len(labels) + 1`` (the last coordinate
+        carries the record count times ``clip_bound``).
+    bits, scale
+        Fixed-point encoding modulo ``2**bits`` of ``value * scale``.
+    """
+
+    round_id: str
+    kind: str
+    site_ids: tuple[str, ...]
+    length: int
+    bits: int
+    scale: float
+    clip_bound: float
+    labels: tuple[str, ...]
+    phase_timeout_s: float = 120.0
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    round_id: str
+    phase: RoundPhase
+    advertised: tuple[str, ...] = ()
+    submitted: tuple[str, ...] = ()
+    release_id: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class KeyAdvertisement:
+    round_id: str
+    site_id: str
+    public_key: bytes
+
+    def __repr__(self) -> str:
+        return f"KeyAdvertisement(round_id={self.round_id!r}, site_id={self.site_id!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedSubmission:
+    """A site's masked fixed-point contribution, shape ``(length,)`` uint64."""
+
+    round_id: str
+    site_id: str
+    values: np.ndarray
+    cost: PrivacyCost
+    noise_std: float
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MaskedSubmission):
+            return NotImplemented
+        return (
+            (self.round_id, self.site_id, self.cost, self.noise_std)
+            == (other.round_id, other.site_id, other.cost, other.noise_std)
+            and self.values.dtype == other.values.dtype
+            and np.array_equal(self.values, other.values)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class ReleasedValue:
+    """One released number and the standard deviation of the privacy noise in it."""
+
+    name: str
+    value: float
+    noise_std: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """An aggregated, noised, post-processed result with the privacy it cost each site."""
+
+    release_id: str
+    round_id: str
+    kind: str
+    created_at: str
+    noised_count: float
+    values: tuple[ReleasedValue, ...]
+    grouped: tuple[ReleasedValue, ...]
+    costs: tuple[PrivacyCost, ...]
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReleaseSummary:
+    release_id: str
+    round_id: str
+    kind: str
+    created_at: str
+    num_sites: int

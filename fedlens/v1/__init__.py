@@ -1,0 +1,1 @@
+"""Generated protobuf stubs of the fedlens.v1 wire contract (see protos/)."""

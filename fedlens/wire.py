@@ -1,0 +1,211 @@
+"""The one conversion boundary between protobuf messages and domain types.
+
+Every ``x_to_proto`` has an ``x_from_proto`` and each pair is round-tripped in
+``tests/fedlens/test_wire.py``. Decoding validates shape-independent facts only (types,
+enum values); range checks belong to the handlers that know the round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlens.errors import IntegrityError
+from fedlens.types import (
+    KeyAdvertisement,
+    MaskedSubmission,
+    PrivacyCost,
+    Release,
+    ReleasedValue,
+    ReleaseSummary,
+    RoundPhase,
+    RoundSpec,
+    RoundStatus,
+)
+from fedlens.v1 import aggregation_pb2, common_pb2, query_pb2
+
+__all__ = [
+    "key_advertisement_from_proto",
+    "key_advertisement_to_proto",
+    "masked_submission_from_proto",
+    "masked_submission_to_proto",
+    "privacy_cost_from_proto",
+    "privacy_cost_to_proto",
+    "release_from_proto",
+    "release_summary_from_proto",
+    "release_summary_to_proto",
+    "release_to_proto",
+    "round_spec_from_proto",
+    "round_spec_to_proto",
+    "round_status_from_proto",
+    "round_status_to_proto",
+]
+
+_PHASE_TO_PROTO = {
+    RoundPhase.ADVERTISING: aggregation_pb2.ROUND_PHASE_ADVERTISING,
+    RoundPhase.COLLECTING: aggregation_pb2.ROUND_PHASE_COLLECTING,
+    RoundPhase.COMPLETE: aggregation_pb2.ROUND_PHASE_COMPLETE,
+    RoundPhase.ABORTED: aggregation_pb2.ROUND_PHASE_ABORTED,
+}
+_PHASE_FROM_PROTO = {v: k for k, v in _PHASE_TO_PROTO.items()}
+
+
+def privacy_cost_to_proto(cost: PrivacyCost) -> common_pb2.PrivacyCost:
+    return common_pb2.PrivacyCost(
+        site_id=cost.site_id,
+        epsilon=cost.epsilon,
+        delta=cost.delta,
+        epsilon_total=cost.epsilon_total,
+    )
+
+
+def privacy_cost_from_proto(msg: common_pb2.PrivacyCost) -> PrivacyCost:
+    return PrivacyCost(
+        site_id=msg.site_id,
+        epsilon=msg.epsilon,
+        delta=msg.delta,
+        epsilon_total=msg.epsilon_total,
+    )
+
+
+def round_spec_to_proto(spec: RoundSpec) -> aggregation_pb2.RoundSpec:
+    return aggregation_pb2.RoundSpec(
+        round_id=spec.round_id,
+        kind=spec.kind,
+        site_ids=list(spec.site_ids),
+        length=spec.length,
+        bits=spec.bits,
+        scale=spec.scale,
+        clip_bound=spec.clip_bound,
+        labels=list(spec.labels),
+        phase_timeout_s=spec.phase_timeout_s,
+        params=dict(spec.params),
+    )
+
+
+def round_spec_from_proto(msg: aggregation_pb2.RoundSpec) -> RoundSpec:
+    return RoundSpec(
+        round_id=msg.round_id,
+        kind=msg.kind,
+        site_ids=tuple(msg.site_ids),
+        length=msg.length,
+        bits=msg.bits,
+        scale=msg.scale,
+        clip_bound=msg.clip_bound,
+        labels=tuple(msg.labels),
+        phase_timeout_s=msg.phase_timeout_s,
+        params=dict(msg.params),
+    )
+
+
+def round_status_to_proto(status: RoundStatus) -> aggregation_pb2.RoundStatus:
+    return aggregation_pb2.RoundStatus(
+        round_id=status.round_id,
+        phase=_PHASE_TO_PROTO[status.phase],
+        advertised=list(status.advertised),
+        submitted=list(status.submitted),
+        release_id=status.release_id,
+        reason=status.reason,
+    )
+
+
+def round_status_from_proto(msg: aggregation_pb2.RoundStatus) -> RoundStatus:
+    try:
+        phase = _PHASE_FROM_PROTO[msg.phase]
+    except KeyError:
+        raise IntegrityError(f"round status has an unknown phase {msg.phase}") from None
+    return RoundStatus(
+        round_id=msg.round_id,
+        phase=phase,
+        advertised=tuple(msg.advertised),
+        submitted=tuple(msg.submitted),
+        release_id=msg.release_id,
+        reason=msg.reason,
+    )
+
+
+def key_advertisement_to_proto(adv: KeyAdvertisement) -> aggregation_pb2.AdvertiseKeyRequest:
+    return aggregation_pb2.AdvertiseKeyRequest(
+        round_id=adv.round_id, site_id=adv.site_id, public_key=adv.public_key
+    )
+
+
+def key_advertisement_from_proto(msg: aggregation_pb2.AdvertiseKeyRequest) -> KeyAdvertisement:
+    return KeyAdvertisement(
+        round_id=msg.round_id, site_id=msg.site_id, public_key=bytes(msg.public_key)
+    )
+
+
+def masked_submission_to_proto(sub: MaskedSubmission) -> aggregation_pb2.SubmitMaskedRequest:
+    return aggregation_pb2.SubmitMaskedRequest(
+        round_id=sub.round_id,
+        site_id=sub.site_id,
+        values=sub.values.tolist(),
+        cost=privacy_cost_to_proto(sub.cost),
+        noise_std=sub.noise_std,
+    )
+
+
+def masked_submission_from_proto(msg: aggregation_pb2.SubmitMaskedRequest) -> MaskedSubmission:
+    return MaskedSubmission(
+        round_id=msg.round_id,
+        site_id=msg.site_id,
+        values=np.fromiter(msg.values, dtype=np.uint64, count=len(msg.values)),
+        cost=privacy_cost_from_proto(msg.cost),
+        noise_std=msg.noise_std,
+    )
+
+
+def _value_to_proto(value: ReleasedValue) -> query_pb2.ReleasedValue:
+    return query_pb2.ReleasedValue(name=value.name, value=value.value, noise_std=value.noise_std)
+
+
+def _value_from_proto(msg: query_pb2.ReleasedValue) -> ReleasedValue:
+    return ReleasedValue(name=msg.name, value=msg.value, noise_std=msg.noise_std)
+
+
+def release_to_proto(release: Release) -> query_pb2.Release:
+    return query_pb2.Release(
+        release_id=release.release_id,
+        round_id=release.round_id,
+        kind=release.kind,
+        created_at=release.created_at,
+        noised_count=release.noised_count,
+        values=[_value_to_proto(v) for v in release.values],
+        grouped=[_value_to_proto(v) for v in release.grouped],
+        costs=[privacy_cost_to_proto(c) for c in release.costs],
+        params=dict(release.params),
+    )
+
+
+def release_from_proto(msg: query_pb2.Release) -> Release:
+    return Release(
+        release_id=msg.release_id,
+        round_id=msg.round_id,
+        kind=msg.kind,
+        created_at=msg.created_at,
+        noised_count=msg.noised_count,
+        values=tuple(_value_from_proto(v) for v in msg.values),
+        grouped=tuple(_value_from_proto(v) for v in msg.grouped),
+        costs=tuple(privacy_cost_from_proto(c) for c in msg.costs),
+        params=dict(msg.params),
+    )
+
+
+def release_summary_to_proto(summary: ReleaseSummary) -> query_pb2.ReleaseSummary:
+    return query_pb2.ReleaseSummary(
+        release_id=summary.release_id,
+        round_id=summary.round_id,
+        kind=summary.kind,
+        created_at=summary.created_at,
+        num_sites=summary.num_sites,
+    )
+
+
+def release_summary_from_proto(msg: query_pb2.ReleaseSummary) -> ReleaseSummary:
+    return ReleaseSummary(
+        release_id=msg.release_id,
+        round_id=msg.round_id,
+        kind=msg.kind,
+        created_at=msg.created_at,
+        num_sites=msg.num_sites,
+    )

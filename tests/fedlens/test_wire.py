@@ -50,7 +50,9 @@ statuses = st.builds(
     release_id=text,
     reason=text,
 )
-adverts = st.builds(KeyAdvertisement, round_id=text, site_id=text, public_key=st.binary(max_size=40))
+adverts = st.builds(
+    KeyAdvertisement, round_id=text, site_id=text, public_key=st.binary(max_size=40)
+)
 submissions = st.builds(
     MaskedSubmission,
     round_id=text,

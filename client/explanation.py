@@ -1,0 +1,147 @@
+"""A site's part in an explanation round, independent of Flower.
+
+Order matters for privacy: the ledger is asked first (nothing is computed for a request
+the budget cannot pay), the spend is recorded before any noised value leaves the site,
+and only the masked, noised, fixed-point vector is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+from torch import nn
+
+from client.ledger_store import LedgerStore
+from client.secagg_client import AggregationClient
+from explain import get_kind, l2_sensitivity
+from fedlens.errors import ConfigurationError
+from fedlens.types import PrivacyCost, RoundStatus
+from privacy import (
+    FixedPointCodec,
+    LedgerEvent,
+    NoiseSource,
+    PrivacyLedger,
+    gaussian_noise_multiplier,
+)
+
+__all__ = ["ExplainOutcome", "ExplainRequest", "contribute_explanation"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What the coordinator asks of every site in an explanation round.
+
+    Attributes
+    ----------
+    epsilon, delta
+        Privacy of this release at each site (local noise: each site's noised
+        contribution is (epsilon, delta)-DP on its own).
+    clip_bound
+        Per-record L2 bound of the explanation term.
+    bits, scale
+        Fixed-point encoding chosen by the coordinator for the whole round.
+    """
+
+    round_id: str
+    kind: str
+    site_ids: tuple[str, ...]
+    aggregator: str
+    epsilon: float
+    delta: float
+    clip_bound: float
+    bits: int
+    scale: float
+    timeout_s: float
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("epsilon", "clip_bound", "scale", "timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigurationError(f"{name} must be finite and > 0, got {value}")
+        if not 0 < self.delta < 1:
+            raise ConfigurationError(f"delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass(frozen=True)
+class ExplainOutcome:
+    site_id: str
+    records: int
+    noise_std: float
+    cost: PrivacyCost
+    status: RoundStatus
+
+
+def contribute_explanation(
+    request: ExplainRequest,
+    *,
+    site_id: str,
+    model: nn.Module,
+    features: np.ndarray,
+    labels: np.ndarray,
+    ledger: PrivacyLedger,
+    store: LedgerStore,
+    rng: NoiseSource,
+    now: datetime,
+    connect: Callable[[str], AggregationClient] = AggregationClient,
+) -> ExplainOutcome:
+    """Compute, clip, noise, account, encode, mask and submit this site's contribution.
+
+    Raises
+    ------
+    BudgetExceededError
+        The release does not fit the site's remaining budget; nothing was computed.
+    ProtocolError
+        The round failed (a site missing, the round aborted); the spend stays recorded.
+    """
+    if site_id not in request.site_ids:
+        raise ConfigurationError(f"site {site_id!r} is not among the round's sites")
+    kind = get_kind(request.kind)
+    z = gaussian_noise_multiplier(request.epsilon, request.delta)
+    event = LedgerEvent(
+        kind="gaussian",
+        noise_multiplier=z,
+        label=f"{request.kind} {request.round_id}",
+        created_at=now,
+    )
+    ledger.check(event)  # refuse before doing any work
+
+    contribution = kind.contribute(model, features, labels, request.params, request.clip_bound)
+    std = z * l2_sensitivity(request.clip_bound)
+
+    epsilon_total = ledger.record(event)
+    store.append(event, epsilon_total)
+    noised = contribution.vector + rng.normal(contribution.vector.size, std)
+    codec = FixedPointCodec(bits=request.bits, scale=request.scale)
+    encoded = codec.encode(noised, rng)
+    cost = PrivacyCost(
+        site_id=site_id, epsilon=request.epsilon, delta=request.delta, epsilon_total=epsilon_total
+    )
+    with connect(request.aggregator) as client:
+        outcome = client.contribute(
+            round_id=request.round_id,
+            site_id=site_id,
+            encoded=encoded,
+            bits=request.bits,
+            cost=cost,
+            noise_std=std,
+            timeout_s=request.timeout_s,
+        )
+    logger.info(
+        "site %s contributed %d records to round %s (noise std %.3g, ε total %.3f)",
+        site_id,
+        contribution.count,
+        request.round_id,
+        std,
+        epsilon_total,
+    )
+    return ExplainOutcome(
+        site_id=site_id, records=contribution.count, noise_std=std, cost=cost, status=outcome.status
+    )

@@ -1,0 +1,104 @@
+"""Registry of explanation kinds, looked up by the name the wire carries.
+
+A kind is a pair of pure functions: ``contribute`` turns a model and a site's records
+into a :class:`Contribution` (a sum of per-record terms, each clipped to the declared L2
+bound, plus the record count), and ``postprocess`` turns the noised sum over all sites
+into released values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from fedlens.errors import ConfigurationError
+from fedlens.types import ReleasedValue
+
+__all__ = [
+    "Contribution",
+    "ExplanationKind",
+    "PostProcessed",
+    "available_kinds",
+    "get_kind",
+    "l2_sensitivity",
+    "register_kind",
+]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One site's clipped, not yet noised contribution.
+
+    Attributes
+    ----------
+    vector
+        ``(len(labels) + 1,)`` float64: the sum over records of each record's clipped
+        term, followed by ``count * clip_bound`` (each record adds ``clip_bound`` to the
+        last coordinate, so one record moves the whole vector by at most
+        ``sqrt(2) * clip_bound`` in L2).
+    count
+        Number of records summed.
+    labels
+        Names of the coordinates before the count coordinate.
+    """
+
+    vector: np.ndarray
+    count: int
+    labels: tuple[str, ...]
+
+
+def l2_sensitivity(clip_bound: float) -> float:
+    """L2 sensitivity of a contribution to adding or removing one record."""
+    return float(np.sqrt(2.0) * clip_bound)
+
+
+@dataclass(frozen=True)
+class PostProcessed:
+    noised_count: float
+    values: tuple[ReleasedValue, ...]
+    grouped: tuple[ReleasedValue, ...]
+
+
+ContributeFn = Callable[[nn.Module, np.ndarray, np.ndarray, Mapping[str, str], float], Contribution]
+PostprocessFn = Callable[
+    [np.ndarray, float, float, tuple[str, ...], Mapping[str, str]], PostProcessed
+]
+
+
+@dataclass(frozen=True)
+class ExplanationKind:
+    """A registered explanation kind.
+
+    ``contribute(model, features (n, d), labels (n,), params, clip_bound)`` and
+    ``postprocess(noised_sum (length,), noise_std, clip_bound, labels, params)``.
+    """
+
+    name: str
+    contribute: ContributeFn
+    postprocess: PostprocessFn
+
+
+_KINDS: dict[str, ExplanationKind] = {}
+
+
+def register_kind(kind: ExplanationKind) -> ExplanationKind:
+    if kind.name in _KINDS:
+        raise ConfigurationError(f"explanation kind {kind.name!r} is already registered")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def available_kinds() -> tuple[str, ...]:
+    return tuple(sorted(_KINDS))
+
+
+def get_kind(name: str) -> ExplanationKind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise ConfigurationError(
+            f"unknown explanation kind {name!r}; available: {', '.join(available_kinds())}"
+        ) from None

@@ -1,0 +1,69 @@
+"""An analyst's client of the ``Query`` service: needs grpcio and protobuf only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from fedlens import wire
+from fedlens.errors import FedlensError, NotFoundError
+from fedlens.types import Release, ReleaseSummary
+from fedlens.v1 import query_pb2, query_pb2_grpc
+
+__all__ = ["QueryClient"]
+
+_Reply = TypeVar("_Reply")
+
+
+class QueryClient:
+    """Reads releases from a coordinator.
+
+    Parameters
+    ----------
+    address
+        ``host:port`` of the coordinator's gRPC server.
+    timeout_s
+        Deadline of every call.
+    """
+
+    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
+        self._address = address
+        self._channel = grpc.insecure_channel(address)
+        self._stub = query_pb2_grpc.QueryStub(self._channel)
+        self._timeout = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> QueryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def list_releases(self, *, limit: int = 0, kind: str = "") -> list[ReleaseSummary]:
+        reply = self._call(
+            self._stub.ListReleases, query_pb2.ListReleasesRequest(limit=limit, kind=kind)
+        )
+        return [wire.release_summary_from_proto(r) for r in reply.releases]
+
+    def get_release(self, release_id: str) -> Release:
+        reply = self._call(
+            self._stub.GetRelease, query_pb2.GetReleaseRequest(release_id=release_id)
+        )
+        return wire.release_from_proto(reply)
+
+    def _call(self, method: Callable[..., _Reply], request: Any) -> _Reply:
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code is grpc.StatusCode.NOT_FOUND:
+                raise NotFoundError(exc.details() or "not found") from None
+            if code is grpc.StatusCode.UNAVAILABLE:
+                raise FedlensError(
+                    f"no fedlens server answers at {self._address} ({exc.details()})"
+                ) from None
+            raise FedlensError(f"{code.name}: {exc.details()}") from None

@@ -1,0 +1,212 @@
+"""The aggregator: runs secure-aggregation rounds and stores what they release.
+
+No gRPC here: :mod:`server.grpc_server` decodes requests, calls these methods and encodes
+the answers. Every accepted or refused message is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from explain import get_kind
+from fedlens.errors import DuplicateSubmissionError, FedlensError, UnknownRoundError
+from fedlens.types import (
+    KeyAdvertisement,
+    MaskedSubmission,
+    Release,
+    ReleaseSummary,
+    RoundPhase,
+    RoundSpec,
+    RoundStatus,
+)
+from privacy import FixedPointCodec
+from privacy.aggregation_round import AggregationRound
+from server.storage import Store
+
+__all__ = ["Aggregator", "QueryHandler"]
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class Aggregator:
+    """Holds the open rounds, one lock each, and finishes them into releases.
+
+    Parameters
+    ----------
+    store
+        Where rounds, releases and the audit log go.
+    clock
+        Monotonic seconds; deadlines are measured with it. ``time.monotonic`` by default.
+    wall_clock
+        Timestamps for stored rows. ``datetime.now(UTC)`` by default.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._wall = wall_clock
+        self._rounds: dict[str, AggregationRound] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._registry_lock = threading.Lock()
+
+    # -- coordinator ---------------------------------------------------------------
+
+    def open_round(self, spec: RoundSpec, *, actor: str = "coordinator") -> RoundStatus:
+        get_kind(spec.kind)  # unknown kinds are refused before anything is stored
+        with self._registry_lock:
+            if spec.round_id in self._rounds or self._store.round_exists(spec.round_id):
+                self._audit(actor, "open_round", spec.round_id, "refused", "round id in use")
+                raise DuplicateSubmissionError(f"round {spec.round_id} already exists")
+            state = AggregationRound(spec, now=self._clock())
+            self._store.save_round(spec, state.phase.value, now=self._wall())
+            self._rounds[spec.round_id] = state
+            self._locks[spec.round_id] = threading.Lock()
+        self._audit(actor, "open_round", spec.round_id, "ok", f"sites={list(spec.site_ids)}")
+        logger.info(
+            "opened round %s (%s) for %d sites", spec.round_id, spec.kind, len(spec.site_ids)
+        )
+        return state.status(self._clock())
+
+    # -- sites -----------------------------------------------------------------------
+
+    def advertise(self, adv: KeyAdvertisement) -> RoundStatus:
+        def step(state: AggregationRound) -> RoundStatus:
+            return state.advertise(adv, now=self._clock())
+
+        return self._apply(adv.round_id, adv.site_id, "advertise_key", step)
+
+    def peer_keys(self, round_id: str, site_id: str) -> tuple[RoundStatus, dict[str, bytes]]:
+        keys: dict[str, bytes] = {}
+
+        def step(state: AggregationRound) -> RoundStatus:
+            keys.update(state.peer_keys(site_id, now=self._clock()))
+            return state.status(self._clock())
+
+        status = self._apply(round_id, site_id, "get_peer_keys", step, audit_ok=False)
+        return status, keys
+
+    def submit(self, sub: MaskedSubmission) -> RoundStatus:
+        def step(state: AggregationRound) -> RoundStatus:
+            status = state.submit(sub, now=self._clock())
+            if state.ready:
+                self._finish(state)
+                status = state.status(self._clock())
+            return status
+
+        return self._apply(sub.round_id, sub.site_id, "submit_masked", step)
+
+    def status(self, round_id: str) -> RoundStatus:
+        def step(state: AggregationRound) -> RoundStatus:
+            return state.status(self._clock())
+
+        return self._apply(round_id, "", "round_status", step, audit_ok=False)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _apply(
+        self,
+        round_id: str,
+        actor: str,
+        action: str,
+        step: Callable[[AggregationRound], RoundStatus],
+        *,
+        audit_ok: bool = True,
+    ) -> RoundStatus:
+        state = self._rounds.get(round_id)
+        if state is None:
+            self._audit(actor, action, round_id, "refused", "unknown round")
+            raise UnknownRoundError(f"no open round {round_id!r}")
+        with self._locks[round_id]:
+            before = state.phase
+            try:
+                status = step(state)
+            except FedlensError as exc:
+                self._audit(actor, action, round_id, "refused", f"{type(exc).__name__}: {exc}")
+                self._persist_phase(state, before)
+                raise
+            if audit_ok:
+                self._audit(actor, action, round_id, "ok")
+            self._persist_phase(state, before)
+            return status
+
+    def _persist_phase(self, state: AggregationRound, before: RoundPhase) -> None:
+        if state.phase is before:
+            return
+        status = state.status(self._clock())
+        self._store.update_round(
+            state.spec.round_id,
+            state.phase.value,
+            now=self._wall(),
+            reason=status.reason,
+            release_id=status.release_id,
+        )
+        if state.phase is RoundPhase.ABORTED:
+            logger.warning("round %s aborted: %s", state.spec.round_id, status.reason)
+
+    def _finish(self, state: AggregationRound) -> None:
+        spec = state.spec
+        result = state.result()
+        codec = FixedPointCodec(bits=spec.bits, scale=spec.scale)
+        noised_sum = codec.decode(result.encoded_sum)
+        post = get_kind(spec.kind).postprocess(
+            noised_sum, result.noise_std, spec.clip_bound, spec.labels, spec.params
+        )
+        created = self._wall()
+        release = Release(
+            release_id=uuid.uuid4().hex,
+            round_id=spec.round_id,
+            kind=spec.kind,
+            created_at=created.isoformat(timespec="seconds"),
+            noised_count=post.noised_count,
+            values=post.values,
+            grouped=post.grouped,
+            costs=state.costs,
+            params={k: v for k, v in spec.params.items() if k in _PUBLIC_PARAMS},
+        )
+        self._store.save_release(release, created_at=created)
+        state.mark_complete(release.release_id)
+        logger.info("round %s complete: release %s", spec.round_id, release.release_id)
+
+    def _audit(
+        self, actor: str, action: str, round_id: str, outcome: str, detail: str = ""
+    ) -> None:
+        self._store.audit(
+            now=self._wall(),
+            actor=actor or "-",
+            action=action,
+            round_id=round_id,
+            outcome=outcome,
+            detail=detail,
+        )
+
+
+# Spec parameters worth keeping with a release (the rest are encodings for the post-processor).
+_PUBLIC_PARAMS = frozenset({"dataset", "model", "n_steps", "noise", "training_rounds"})
+
+
+class QueryHandler:
+    """Answers analysts from stored releases; costs no privacy."""
+
+    def __init__(self, store: Store, *, max_limit: int = 1000) -> None:
+        self._store = store
+        self._max_limit = max_limit
+
+    def list_releases(self, *, limit: int = 0, kind: str = "") -> list[ReleaseSummary]:
+        limit = self._max_limit if limit <= 0 else min(limit, self._max_limit)
+        return self._store.list_releases(limit=limit, kind=kind)
+
+    def get_release(self, release_id: str) -> Release:
+        return self._store.get_release(release_id)

@@ -1,0 +1,145 @@
+"""The coordinator's gRPC server: Aggregation and Query services, health and reflection.
+
+Servicers are thin: decode with :mod:`fedlens.wire`, call the handler, encode. Errors
+are mapped to status codes once, by :class:`server.errors.ErrorMappingInterceptor`.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fedlens import wire
+from fedlens.errors import ConfigurationError
+from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
+from server.aggregation import Aggregator, QueryHandler
+from server.errors import ErrorMappingInterceptor
+
+__all__ = ["AggregationServicer", "QueryServicer", "RunningServer", "serve"]
+
+logger = logging.getLogger(__name__)
+
+# A contribution of a million float coordinates as uint64 is ~10 MB on the wire.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
+    def __init__(self, aggregator: Aggregator) -> None:
+        self._agg = aggregator
+
+    def OpenRound(  # noqa: N802 - gRPC method names
+        self, request: aggregation_pb2.OpenRoundRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.OpenRoundResponse:
+        status = self._agg.open_round(wire.round_spec_from_proto(request.spec))
+        return aggregation_pb2.OpenRoundResponse(status=wire.round_status_to_proto(status))
+
+    def AdvertiseKey(  # noqa: N802
+        self, request: aggregation_pb2.AdvertiseKeyRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.AdvertiseKeyResponse:
+        status = self._agg.advertise(wire.key_advertisement_from_proto(request))
+        return aggregation_pb2.AdvertiseKeyResponse(status=wire.round_status_to_proto(status))
+
+    def GetPeerKeys(  # noqa: N802
+        self, request: aggregation_pb2.GetPeerKeysRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.GetPeerKeysResponse:
+        status, keys = self._agg.peer_keys(request.round_id, request.site_id)
+        return aggregation_pb2.GetPeerKeysResponse(
+            status=wire.round_status_to_proto(status),
+            keys=[
+                aggregation_pb2.PeerKey(site_id=s, public_key=k) for s, k in sorted(keys.items())
+            ],
+        )
+
+    def SubmitMasked(  # noqa: N802
+        self, request: aggregation_pb2.SubmitMaskedRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.SubmitMaskedResponse:
+        status = self._agg.submit(wire.masked_submission_from_proto(request))
+        return aggregation_pb2.SubmitMaskedResponse(status=wire.round_status_to_proto(status))
+
+    def GetRoundStatus(  # noqa: N802
+        self, request: aggregation_pb2.GetRoundStatusRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.RoundStatus:
+        return wire.round_status_to_proto(self._agg.status(request.round_id))
+
+
+class QueryServicer(query_pb2_grpc.QueryServicer):
+    def __init__(self, handler: QueryHandler) -> None:
+        self._handler = handler
+
+    def ListReleases(  # noqa: N802
+        self, request: query_pb2.ListReleasesRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ListReleasesResponse:
+        summaries = self._handler.list_releases(limit=request.limit, kind=request.kind)
+        return query_pb2.ListReleasesResponse(
+            releases=[wire.release_summary_to_proto(s) for s in summaries]
+        )
+
+    def GetRelease(  # noqa: N802
+        self, request: query_pb2.GetReleaseRequest, context: grpc.ServicerContext
+    ) -> query_pb2.Release:
+        return wire.release_to_proto(self._handler.get_release(request.release_id))
+
+
+@dataclass
+class RunningServer:
+    """A started server and the port it bound (useful with port 0)."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+SERVICE_NAMES = (
+    aggregation_pb2.DESCRIPTOR.services_by_name["Aggregation"].full_name,
+    query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
+)
+
+
+def serve(
+    aggregator: Aggregator,
+    query: QueryHandler,
+    *,
+    address: str = "127.0.0.1:0",
+    max_workers: int = 16,
+) -> RunningServer:
+    """Start the gRPC server on ``address`` (port 0 picks a free port) and return it.
+
+    The server is insecure (plaintext): bind it to loopback or a trusted network; TLS
+    and site identities come with the identity and access-control work.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedlens-grpc"),
+        interceptors=[ErrorMappingInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    aggregation_pb2_grpc.add_AggregationServicer_to_server(AggregationServicer(aggregator), server)
+    query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(query), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in (*SERVICE_NAMES, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise ConfigurationError(f"cannot bind the gRPC server to {address!r}")
+    server.start()
+    logger.info("fedlens gRPC server listening on port %d", port)
+    return RunningServer(server=server, port=port, health=health_servicer)

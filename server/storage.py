@@ -1,0 +1,318 @@
+"""The coordinator's store: rounds, releases with their privacy costs, and an audit log.
+
+SQLAlchemy 2 over a SQLite file by default; any SQLAlchemy URL (PostgreSQL) works. The
+store never holds a site's vector, masked or not: only round metadata, released
+(post-processed, noised) values and what each site declared the release cost it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from fedlens.errors import NotFoundError, StorageError
+from fedlens.types import PrivacyCost, Release, ReleasedValue, ReleaseSummary, RoundSpec
+
+__all__ = ["AuditEntry", "Store"]
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _RoundRow(_Base):
+    __tablename__ = "rounds"
+
+    round_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    site_ids: Mapped[list[str]] = mapped_column(JSON)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    phase: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    release_id: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _ReleaseRow(_Base):
+    __tablename__ = "releases"
+
+    release_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    round_id: Mapped[str] = mapped_column(ForeignKey("rounds.round_id"), unique=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    noised_count: Mapped[float] = mapped_column(Float)
+    values: Mapped[list[list[Any]]] = mapped_column(JSON)
+    grouped: Mapped[list[list[Any]]] = mapped_column(JSON)
+    params: Mapped[dict[str, str]] = mapped_column(JSON)
+    costs: Mapped[list[_CostRow]] = relationship(
+        back_populates="release", cascade="all, delete-orphan", order_by="_CostRow.site_id"
+    )
+
+
+class _CostRow(_Base):
+    __tablename__ = "release_costs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.release_id"), index=True)
+    site_id: Mapped[str] = mapped_column(String(128))
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    epsilon_total: Mapped[float] = mapped_column(Float)
+    release: Mapped[_ReleaseRow] = relationship(back_populates="costs")
+
+
+class _AuditRow(_Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    round_id: Mapped[str] = mapped_column(String(128), default="")
+    outcome: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditEntry:
+    """One audit-log line, read back."""
+
+    __slots__ = ("action", "actor", "at", "detail", "outcome", "round_id")
+
+    def __init__(
+        self, at: datetime, actor: str, action: str, round_id: str, outcome: str, detail: str
+    ) -> None:
+        self.at, self.actor, self.action = at, actor, action
+        self.round_id, self.outcome, self.detail = round_id, outcome, detail
+
+    def __repr__(self) -> str:
+        return f"AuditEntry({self.action} by {self.actor} on {self.round_id}: {self.outcome})"
+
+
+class Store:
+    """Persistent state of the coordinator.
+
+    Parameters
+    ----------
+    url
+        A SQLAlchemy URL: ``sqlite:///path/to/fedlens.db`` (the default in settings) or
+        ``postgresql+psycopg://...``.
+    """
+
+    def __init__(self, url: str) -> None:
+        try:
+            self._engine: Engine = create_engine(url)
+        except (SQLAlchemyError, ValueError) as exc:
+            raise StorageError(f"cannot open store {url!r}: {exc}") from exc
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_pragmas)
+        try:
+            _Base.metadata.create_all(self._engine)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot create tables in {url!r}: {exc}") from exc
+
+    @property
+    def url(self) -> str:
+        return self._engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with Session(self._engine) as session, session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            raise StorageError(f"store operation failed: {exc}") from exc
+
+    # -- rounds ------------------------------------------------------------------
+
+    def save_round(self, spec: RoundSpec, phase: str, *, now: datetime) -> None:
+        with self._session() as s:
+            s.add(
+                _RoundRow(
+                    round_id=spec.round_id,
+                    kind=spec.kind,
+                    site_ids=list(spec.site_ids),
+                    spec={
+                        "length": spec.length,
+                        "bits": spec.bits,
+                        "scale": spec.scale,
+                        "clip_bound": spec.clip_bound,
+                        "labels": list(spec.labels),
+                        "phase_timeout_s": spec.phase_timeout_s,
+                        "params": dict(spec.params),
+                    },
+                    phase=phase,
+                    reason="",
+                    release_id="",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+
+    def update_round(
+        self, round_id: str, phase: str, *, now: datetime, reason: str = "", release_id: str = ""
+    ) -> None:
+        with self._session() as s:
+            row = s.get(_RoundRow, round_id)
+            if row is None:
+                raise NotFoundError(f"no round {round_id!r}")
+            row.phase, row.reason, row.updated_at = phase, reason, now
+            if release_id:
+                row.release_id = release_id
+
+    def round_exists(self, round_id: str) -> bool:
+        with self._session() as s:
+            return s.get(_RoundRow, round_id) is not None
+
+    def round_phase(self, round_id: str) -> tuple[str, str, str]:
+        """``(phase, reason, release_id)`` of a stored round."""
+        with self._session() as s:
+            row = s.get(_RoundRow, round_id)
+            if row is None:
+                raise NotFoundError(f"no round {round_id!r}")
+            return row.phase, row.reason, row.release_id
+
+    # -- releases ----------------------------------------------------------------
+
+    def save_release(self, release: Release, *, created_at: datetime) -> None:
+        with self._session() as s:
+            s.add(
+                _ReleaseRow(
+                    release_id=release.release_id,
+                    round_id=release.round_id,
+                    kind=release.kind,
+                    created_at=created_at,
+                    noised_count=release.noised_count,
+                    values=[[v.name, v.value, v.noise_std] for v in release.values],
+                    grouped=[[v.name, v.value, v.noise_std] for v in release.grouped],
+                    params=dict(release.params),
+                    costs=[
+                        _CostRow(
+                            site_id=c.site_id,
+                            epsilon=c.epsilon,
+                            delta=c.delta,
+                            epsilon_total=c.epsilon_total,
+                        )
+                        for c in release.costs
+                    ],
+                )
+            )
+
+    def get_release(self, release_id: str) -> Release:
+        with self._session() as s:
+            row = s.get(_ReleaseRow, release_id)
+            if row is None:
+                raise NotFoundError(f"no release {release_id!r}")
+            return _release_from_row(row)
+
+    def list_releases(self, *, limit: int = 100, kind: str = "") -> list[ReleaseSummary]:
+        with self._session() as s:
+            query = select(_ReleaseRow).order_by(_ReleaseRow.created_at.desc()).limit(limit)
+            if kind:
+                query = query.where(_ReleaseRow.kind == kind)
+            return [
+                ReleaseSummary(
+                    release_id=row.release_id,
+                    round_id=row.round_id,
+                    kind=row.kind,
+                    created_at=_iso(row.created_at),
+                    num_sites=len(row.costs),
+                )
+                for row in s.scalars(query)
+            ]
+
+    # -- audit ---------------------------------------------------------------------
+
+    def audit(
+        self,
+        *,
+        now: datetime,
+        actor: str,
+        action: str,
+        outcome: str,
+        round_id: str = "",
+        detail: str = "",
+    ) -> None:
+        with self._session() as s:
+            s.add(
+                _AuditRow(
+                    at=now,
+                    actor=actor,
+                    action=action,
+                    round_id=round_id,
+                    outcome=outcome,
+                    detail=detail[:2000],
+                )
+            )
+
+    def audit_entries(self, *, round_id: str = "") -> list[AuditEntry]:
+        with self._session() as s:
+            query = select(_AuditRow).order_by(_AuditRow.id)
+            if round_id:
+                query = query.where(_AuditRow.round_id == round_id)
+            return [
+                AuditEntry(r.at, r.actor, r.action, r.round_id, r.outcome, r.detail)
+                for r in s.scalars(query)
+            ]
+
+    def dump(self) -> dict[str, Sequence[dict[str, Any]]]:
+        """Every row of every table, for inspection (tests, support bundles)."""
+        out: dict[str, Sequence[dict[str, Any]]] = {}
+        with self._engine.connect() as conn:
+            for table in _Base.metadata.sorted_tables:
+                out[table.name] = [dict(r._mapping) for r in conn.execute(table.select())]
+        return out
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat(timespec="seconds")
+
+
+def _release_from_row(row: _ReleaseRow) -> Release:
+    return Release(
+        release_id=row.release_id,
+        round_id=row.round_id,
+        kind=row.kind,
+        created_at=_iso(row.created_at),
+        noised_count=row.noised_count,
+        values=tuple(ReleasedValue(n, float(v), float(sd)) for n, v, sd in row.values),
+        grouped=tuple(ReleasedValue(n, float(v), float(sd)) for n, v, sd in row.grouped),
+        costs=tuple(
+            PrivacyCost(
+                site_id=c.site_id,
+                epsilon=c.epsilon,
+                delta=c.delta,
+                epsilon_total=c.epsilon_total,
+            )
+            for c in row.costs
+        ),
+        params=dict(row.params),
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()

@@ -1,0 +1,185 @@
+"""The ``fedlens`` command.
+
+::
+
+    fedlens demo                    train and explain on embedded data, end to end
+    fedlens server                  run the coordinator's gRPC services
+    fedlens query releases          list releases (through the Query service)
+    fedlens query show ID           one release, its top features and privacy costs
+
+Only this module configures logging, and it imports the ``server`` and ``client``
+layers lazily, inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from fedlens.errors import FedlensError
+from fedlens.settings import Settings
+from fedlens.types import Release
+
+__all__ = ["main"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
+    from server.aggregation import Aggregator, QueryHandler
+    from server.grpc_server import serve
+    from server.storage import Store
+
+    store = Store(args.database_url or settings.database_url)
+    running = serve(Aggregator(store), QueryHandler(store), address=args.address)
+    console.print(f"fedlens server on port {running.port}, store {store.url} (Ctrl-C stops)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    running.stop()
+    store.close()
+    return 0
+
+
+def _release_table(release: Release, top: int) -> Table:
+    table = Table(title=f"release {release.release_id} ({release.kind})")
+    table.add_column("feature")
+    table.add_column("mean attribution", justify="right")
+    table.add_column("noise std", justify="right")
+    for v in release.grouped[:top] or release.values[:top]:
+        table.add_row(v.name, f"{v.value:+.4f}", f"{v.noise_std:.4f}")
+    return table
+
+
+def _cost_table(release: Release) -> Table:
+    table = Table(title="privacy cost per site")
+    for col in ("site", "ε (this release)", "δ", "ε (site total)"):
+        table.add_column(col, justify="right")
+    for c in release.costs:
+        table.add_row(c.site_id, f"{c.epsilon:.3f}", f"{c.delta:.1e}", f"{c.epsilon_total:.3f}")
+    return table
+
+
+def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    from fedlens.query_client import QueryClient
+
+    with QueryClient(args.address or settings.aggregator_address) as client:
+        if args.query_command == "releases":
+            summaries = client.list_releases(limit=args.limit, kind=args.kind)
+            if args.json:
+                print(json.dumps([asdict(s) for s in summaries], indent=2))
+                return 0
+            table = Table(title="releases")
+            for col in ("release", "kind", "round", "created", "sites"):
+                table.add_column(col)
+            for s in summaries:
+                table.add_row(s.release_id, s.kind, s.round_id, s.created_at, str(s.num_sites))
+            console.print(table)
+            return 0
+        release = client.get_release(args.release_id)
+        if args.json:
+            print(json.dumps(asdict(release), indent=2))
+            return 0
+        console.print(_release_table(release, args.top))
+        console.print(f"averaged over a noised count of {release.noised_count:.1f} records")
+        console.print(_cost_table(release))
+        return 0
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from server.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        dataset=args.dataset,
+        sites=args.sites,
+        rounds=args.rounds,
+        epsilon=args.epsilon,
+        model=args.model,
+        workdir=args.workdir,
+        seed=args.seed,
+    )
+    report = run_demo(options, console=console)
+    console.print(_release_table(report.release, top=8))
+    console.print(_cost_table(report.release))
+    console.print(f"test accuracy of the global model: {report.accuracy:.3f}")
+    console.print(f"release {report.release.release_id} stored in {report.database_url}")
+    console.print(
+        "read it back: fedlens server --database-url "
+        f"{report.database_url} & fedlens query releases"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlens", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a federation on embedded data, end to end")
+    demo.add_argument(
+        "--dataset", default="adult", help="adult, breast_cancer, synthetic_hospitals"
+    )
+    demo.add_argument("--sites", type=int, default=4, help="number of sites (default 4)")
+    demo.add_argument("--rounds", type=int, default=3, help="training rounds (default 3)")
+    demo.add_argument("--epsilon", type=float, default=4.0, help="privacy budget ε per site")
+    demo.add_argument("--model", default="logistic", choices=("logistic", "mlp"))
+    demo.add_argument("--workdir", default="fedlens-demo", help="where state and the store go")
+    demo.add_argument("--seed", type=int, default=0, help="data split and initial weights")
+    demo.set_defaults(func=_cmd_demo)
+
+    server = sub.add_parser("server", help="run the coordinator's gRPC services")
+    server.add_argument("--address", default="127.0.0.1:50151", help="host:port to bind")
+    server.add_argument("--database-url", default="", help="SQLAlchemy URL of the store")
+    server.set_defaults(func=_cmd_server)
+
+    query = sub.add_parser("query", help="read releases through the Query service")
+    query.add_argument("--address", default="", help="coordinator host:port")
+    query.add_argument("--json", action="store_true", help="machine-readable output")
+    qsub = query.add_subparsers(dest="query_command", required=True)
+    releases = qsub.add_parser("releases", help="list releases, newest first")
+    releases.add_argument("--limit", type=int, default=50)
+    releases.add_argument("--kind", default="")
+    show = qsub.add_parser("show", help="show one release")
+    show.add_argument("release_id")
+    show.add_argument("--top", type=int, default=10, help="features to show")
+    query.set_defaults(func=_cmd_query)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        settings = Settings()
+        code: int = args.func(args, settings)
+        return code
+    except FedlensError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The run configuration a coordinator hands every site, validated at the Flower boundary.
+
+Flower passes it as ``context.run_config`` (keys with dashes, as declared in the Flower
+app's ``pyproject.toml``); :meth:`RunConfig.from_flower` checks it once, with errors that
+name the key and the accepted range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedlens.errors import ConfigurationError
+
+__all__ = ["RunConfig", "validation_message"]
+
+
+class RunConfig(BaseModel):
+    """What the federation trains and explains in one run."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    dataset: str = "adult"
+    model: Literal["logistic", "mlp"] = "logistic"
+    num_sites: int = Field(4, ge=2, le=64, alias="num-sites")
+    rounds: int = Field(3, ge=1, le=1000, alias="num-server-rounds")
+    local_epochs: int = Field(1, ge=1, le=100, alias="local-epochs")
+    batch_size: int = Field(256, ge=1, alias="batch-size")
+    learning_rate: float = Field(0.5, gt=0, le=100, alias="learning-rate")
+    partition: Literal["dirichlet", "natural"] = "dirichlet"
+    alpha: float = Field(1.0, gt=0)
+    seed: int = 0
+    train_epsilon: float = Field(2.8, gt=0, alias="train-epsilon")
+    max_grad_norm: float = Field(1.0, gt=0, alias="max-grad-norm")
+    explain_kind: str = Field("global_attribution", alias="explain-kind")
+    explain_epsilon: float = Field(1.0, gt=0, alias="explain-epsilon")
+    explain_delta: float = Field(1e-6, gt=0, lt=1e-2, alias="explain-delta")
+    attribution_clip: float = Field(0.5, gt=0, alias="attribution-clip")
+    ig_steps: int = Field(32, ge=2, le=1024, alias="ig-steps")
+    aggregator: str = "127.0.0.1:50151"
+    phase_timeout_s: float = Field(90.0, gt=0, alias="phase-timeout")
+    out_dir: str = Field("", alias="out-dir")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as exc:
+            raise ConfigurationError(validation_message("run config", exc)) from None
+
+    def to_flower(self) -> dict[str, str | int | float]:
+        """The ``--run-config`` pairs Flower accepts (keys as the Flower app declares them)."""
+        return {k: v for k, v in self.model_dump(by_alias=True).items()}
+
+
+def validation_message(what: str, exc: ValidationError) -> str:
+    """One line per invalid field: ``what.key: problem (got value)``."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{what} {key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)

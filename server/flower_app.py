@@ -1,0 +1,236 @@
+"""The fedlens Flower ServerApp: FedAvg training rounds, then one explanation round.
+
+The explanation round: open a round at the aggregator over gRPC, send ``query.explain``
+to every site with the global model and the round's parameters, and wait until the
+aggregator reports the round complete (release stored) or aborted (nothing revealed).
+A summary of the run goes to ``out-dir/summary.json`` when ``out-dir`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from client.training import evaluate
+from fedlens import wire
+from fedlens.datasets import load_dataset
+from fedlens.errors import DropoutError, ProtocolError
+from fedlens.models import build_model
+from fedlens.runconfig import RunConfig
+from fedlens.types import RoundPhase, RoundSpec, RoundStatus
+from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
+from privacy import FixedPointCodec
+
+__all__ = ["app"]
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+# Largest number of records one site may sum in a round; bounds the fixed-point range.
+MAX_RECORDS_PER_SITE = 1_000_000
+# Released means are resolved to this step before noise; far below the noise itself.
+PRECISION = 1e-5
+
+
+@dataclass
+class SiteLog:
+    """What the coordinator learnt about each site from its replies (no site data)."""
+
+    names: dict[int, str] = field(default_factory=dict)
+    epsilon_total: dict[str, float] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)
+
+
+class TrackingFedAvg(FedAvg):
+    """FedAvg that also records each site's name, ε spent and refusals from the replies."""
+
+    def __init__(self, log: SiteLog, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.log = log
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                name = self.log.names.get(node, f"node {node}")
+                self.log.refusals[name] = reply.error.reason or "unknown error"
+                logger.warning("%s refused round %d: %s", name, server_round, reply.error.reason)
+                continue
+            site = reply.content.config_records.get("site")
+            name = str(site["site-name"]) if site is not None else f"node {node}"
+            self.log.names[node] = name
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None and "epsilon-total" in metrics:
+                self.log.epsilon_total[name] = float(metrics["epsilon-total"])  # type: ignore[arg-type]
+        return super().aggregate_train(server_round, replies)
+
+
+def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes[:count]
+        if time.monotonic() > deadline:
+            raise DropoutError(f"only {len(nodes)} of {count} sites connected in {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def _await_round(
+    stub: aggregation_pb2_grpc.AggregationStub, round_id: str, timeout_s: float
+) -> RoundStatus:
+    deadline = time.monotonic() + timeout_s
+    request = aggregation_pb2.GetRoundStatusRequest(round_id=round_id)
+    while True:
+        status = wire.round_status_from_proto(stub.GetRoundStatus(request))
+        if status.phase.finished or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def run_explanation_round(
+    grid: Grid,
+    run: RunConfig,
+    arrays: ArrayRecord,
+    nodes: list[int],
+    log: SiteLog,
+) -> RoundStatus:
+    """Open a round at the aggregator, ask every site to contribute, await the release."""
+    dataset = load_dataset(run.dataset, seed=run.seed)
+    pre = dataset.preprocessor
+    names = [log.names.get(n, f"node-{n}") for n in nodes]
+    # Each coordinate of a site's sum is at most records * clip; noise adds far less
+    # than the headroom of FixedPointCodec.choose.
+    codec = FixedPointCodec.choose(
+        num_sites=len(nodes),
+        max_abs=MAX_RECORDS_PER_SITE * run.attribution_clip,
+        precision=PRECISION,
+    )
+    params = {
+        "feature_names": json.dumps(list(pre.encoded_names)),
+        "groups": json.dumps({k: list(v) for k, v in pre.groups.items()}),
+        "n_steps": str(run.ig_steps),
+        "dataset": run.dataset,
+        "model": run.model,
+        "noise": "local",
+        "training_rounds": str(run.rounds),
+    }
+    spec = RoundSpec(
+        round_id=uuid.uuid4().hex,
+        kind=run.explain_kind,
+        site_ids=tuple(names),
+        length=pre.dimension + 1,
+        bits=codec.bits,
+        scale=codec.scale,
+        clip_bound=run.attribution_clip,
+        labels=tuple(pre.encoded_names),
+        phase_timeout_s=run.phase_timeout_s,
+        params=params,
+    )
+    with grpc.insecure_channel(run.aggregator) as channel:
+        stub = aggregation_pb2_grpc.AggregationStub(channel)
+        stub.OpenRound(aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec)))
+        logger.info("explanation round %s opened at %s", spec.round_id, run.aggregator)
+        config = ConfigRecord(
+            {
+                "round-id": spec.round_id,
+                "kind": spec.kind,
+                "site-ids": json.dumps(names),
+                "aggregator": run.aggregator,
+                "epsilon": run.explain_epsilon,
+                "delta": run.explain_delta,
+                "clip-bound": run.attribution_clip,
+                "bits": spec.bits,
+                "scale": spec.scale,
+                "timeout": run.phase_timeout_s,
+                "params": json.dumps(params),
+            }
+        )
+        messages = [
+            Message(
+                content=RecordDict({"config": config, "arrays": arrays}),
+                dst_node_id=node,
+                message_type="query.explain",
+            )
+            for node in nodes
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=3 * run.phase_timeout_s))
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            name = log.names.get(node, f"node-{node}")
+            if reply.has_error():
+                log.refusals[name] = reply.error.reason or "unknown error"
+                logger.warning("%s failed the explanation round: %s", name, reply.error.reason)
+                continue
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None and "epsilon-total" in metrics:
+                log.epsilon_total[name] = float(metrics["epsilon-total"])  # type: ignore[arg-type]
+        return _await_round(stub, spec.round_id, run.phase_timeout_s)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = RunConfig.from_flower(context.run_config)
+    dataset = load_dataset(run.dataset, seed=run.seed)
+    test = dataset.test_data()
+    model = build_model(run.model, dataset.preprocessor.dimension, seed=run.seed)
+    nodes = _wait_for_nodes(grid, run.num_sites, run.phase_timeout_s)
+    logger.info("%d sites connected; %d training rounds", len(nodes), run.rounds)
+
+    history: list[dict[str, float]] = []
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        accuracy, loss = evaluate(model, test.features, test.labels)
+        history.append({"round": server_round, "accuracy": accuracy, "loss": loss})
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    log = SiteLog()
+    strategy = TrackingFedAvg(
+        log,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=run.num_sites,
+        min_available_nodes=run.num_sites,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=run.rounds,
+        evaluate_fn=evaluate_global,
+        train_config=ConfigRecord({"learning-rate": run.learning_rate}),
+    )
+    status = run_explanation_round(grid, run, result.arrays, nodes, log)
+    summary = {
+        "accuracy": history[-1]["accuracy"] if history else None,
+        "history": history,
+        "round_id": status.round_id,
+        "phase": status.phase.value,
+        "reason": status.reason,
+        "release_id": status.release_id,
+        "epsilon_total": log.epsilon_total,
+        "refusals": log.refusals,
+    }
+    if run.out_dir:
+        out = Path(run.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if status.phase is not RoundPhase.COMPLETE:
+        raise ProtocolError(
+            f"explanation round {status.round_id} did not complete: {status.reason}"
+        )
+    logger.info("release %s stored", status.release_id)

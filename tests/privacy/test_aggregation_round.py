@@ -71,7 +71,9 @@ def test_keys_are_released_only_when_every_site_advertised() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 2**16 - 1), min_size=4, max_size=4), min_size=3, max_size=3))
+@given(
+    st.lists(st.lists(st.integers(0, 2**16 - 1), min_size=4, max_size=4), min_size=3, max_size=3)
+)
 def test_running_sum_is_the_modular_sum(vectors: list[list[int]]) -> None:
     state = advertised()
     for site, values in zip(SITES, vectors, strict=True):

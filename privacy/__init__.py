@@ -1,0 +1,54 @@
+"""Differential privacy and secure-aggregation primitives of fedlens, free of I/O.
+
+Public names are re-exported here; the modules behind them are:
+
+``randomness``   noise sources (CSPRNG for production, seeded for tests)
+``clipping``     per-record L2 clipping
+``gaussian``     Gaussian mechanism and DP-SGD calibration and accounting (dp_accounting)
+``ledger``       a site's privacy ledger and budget check
+``fixedpoint``   fixed-point encoding modulo ``2**bits`` with stochastic rounding
+``masking``      pairwise additive masks of secure aggregation (X25519, HKDF, ChaCha20)
+"""
+
+from privacy.clipping import clip_rows
+from privacy.fixedpoint import MAX_BITS, FixedPointCodec
+from privacy.gaussian import (
+    PLD_VALUE_DISCRETIZATION,
+    AccountantName,
+    dpsgd_noise_multiplier,
+    epsilon_of_dpsgd,
+    epsilon_of_gaussian,
+    gaussian_noise_multiplier,
+)
+from privacy.ledger import EventKind, LedgerEvent, PrivacyLedger
+from privacy.masking import (
+    PUBLIC_KEY_BYTES,
+    KeyPair,
+    generate_keypair,
+    mask_vector,
+    pairwise_mask,
+)
+from privacy.randomness import NoiseSource, SecureRandom, SeededRandom
+
+__all__ = [
+    "MAX_BITS",
+    "PLD_VALUE_DISCRETIZATION",
+    "PUBLIC_KEY_BYTES",
+    "AccountantName",
+    "EventKind",
+    "FixedPointCodec",
+    "KeyPair",
+    "LedgerEvent",
+    "NoiseSource",
+    "PrivacyLedger",
+    "SecureRandom",
+    "SeededRandom",
+    "clip_rows",
+    "dpsgd_noise_multiplier",
+    "epsilon_of_dpsgd",
+    "epsilon_of_gaussian",
+    "gaussian_noise_multiplier",
+    "generate_keypair",
+    "mask_vector",
+    "pairwise_mask",
+]

@@ -13,6 +13,7 @@ import logging
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -81,8 +82,31 @@ def _model(run: RunConfig, dimension: int, arrays: ArrayRecord) -> nn.Module:
     return model
 
 
-def _ledger(site: SiteConfig) -> tuple[LedgerStore, PrivacyLedger]:
+def _training_noise(site: SiteConfig, run: RunConfig, q: float, total_steps: int) -> float:
+    """DP-SGD noise multiplier for the planned training, calibrated once per plan.
+
+    Calibration is deterministic in its inputs, so the site keeps the result beside its
+    ledger instead of recomputing it in every round's fresh process.
+    """
+    path = site.state_dir / "noise.json"
+    key = f"{run.train_epsilon!r}:{site.delta!r}:{q!r}:{total_steps}"
+    cache: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+    if key not in cache:
+        cache[key] = dpsgd_noise_multiplier(run.train_epsilon, site.delta, q, total_steps)
+        path.write_text(json.dumps(cache))
+    return cache[key]
+
+
+def _prepare(context: Context) -> tuple[RunConfig, SiteConfig]:
+    run = RunConfig.from_flower(context.run_config)
+    site = SiteConfig.from_flower(context.node_config)
     site.state_dir.mkdir(parents=True, exist_ok=True)
+    if site.threads:
+        torch.set_num_threads(site.threads)
+    return run, site
+
+
+def _ledger(site: SiteConfig) -> tuple[LedgerStore, PrivacyLedger]:
     store = LedgerStore(site.ledger_path)
     return store, store.load(site.epsilon, site.delta)
 
@@ -90,13 +114,12 @@ def _ledger(site: SiteConfig) -> tuple[LedgerStore, PrivacyLedger]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One FedAvg round of DP-SGD on this site's records."""
-    run = RunConfig.from_flower(context.run_config)
-    site = SiteConfig.from_flower(context.node_config)
+    run, site = _prepare(context)
     data = _site_data(run, site)
     server_round = _field(_config(msg), "server-round", int)
     q, steps = planned_steps(len(data.labels), run.batch_size, run.local_epochs)
     # Noise for the whole planned training, so that every round's spend is the same.
-    z = dpsgd_noise_multiplier(run.train_epsilon, site.delta, q, steps * run.rounds)
+    z = _training_noise(site, run, q, steps * run.rounds)
     event = LedgerEvent(
         kind="dpsgd",
         noise_multiplier=z,
@@ -149,8 +172,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("explain")
 def explain(msg: Message, context: Context) -> Message:
     """Contribute this site's clipped, noised, masked explanation to the aggregator."""
-    run = RunConfig.from_flower(context.run_config)
-    site = SiteConfig.from_flower(context.node_config)
+    run, site = _prepare(context)
     cfg = _config(msg)
     request = ExplainRequest(
         round_id=_field(cfg, "round-id", str),

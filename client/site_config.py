@@ -26,6 +26,9 @@ class SiteConfig(BaseModel):
     state_dir: Path = Field(Path("fedlens-site"), alias="state-dir")
     epsilon: float = Field(4.0, gt=0, le=100, description="the site's total ε budget")
     delta: float = Field(1e-5, gt=0, lt=1e-2, description="the site's δ")
+    threads: int = Field(
+        0, ge=0, le=256, description="torch threads for this site's work; 0 keeps torch's default"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SiteConfig:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -78,12 +77,15 @@ def train_dp(
     n = features.shape[0]
     q, steps = planned_steps(n, batch_size, epochs)
     data = TensorDataset(
-        torch.as_tensor(features, dtype=torch.float32),
-        torch.as_tensor(labels, dtype=torch.float32),
+        torch.tensor(features, dtype=torch.float32),
+        torch.tensor(labels, dtype=torch.float32),
     )
     loader = DataLoader(data, batch_size=batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
+    # Imported here: opacus is slow to import and only training needs it.
+    from opacus import PrivacyEngine
+
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off; the module docstring says so.
         warnings.simplefilter("ignore")
@@ -129,8 +131,8 @@ def evaluate(model: nn.Module, features: np.ndarray, labels: np.ndarray) -> tupl
     """``(accuracy, mean BCE loss)`` of ``model`` on encoded records."""
     was_training = model.training
     model.eval()
-    x = torch.as_tensor(features, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.float32)
+    x = torch.tensor(features, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.float32)
     logits = model(x).squeeze(-1)
     loss = float(nn.functional.binary_cross_entropy_with_logits(logits, y))
     acc = float(((logits > 0).float() == y).float().mean())

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients
 from torch import nn
 
 from explain.registry import Contribution, ExplanationKind, PostProcessed, register_kind
@@ -64,14 +63,17 @@ def integrated_gradients(
     base = np.zeros(d) if baseline is None else np.asarray(baseline, dtype=np.float64)
     if base.shape != (d,):
         raise ExplanationError(f"baseline must have shape ({d},), got {base.shape}")
+    # Imported here: captum is slow to import and only explanation rounds need it.
+    from captum.attr import IntegratedGradients
+
     was_training = model.training
     model.eval()
     ig = IntegratedGradients(model)
     out = []
     try:
         for start in range(0, features.shape[0], batch_size):
-            x = torch.as_tensor(features[start : start + batch_size], dtype=torch.float32)
-            b = torch.as_tensor(base, dtype=torch.float32).expand_as(x)
+            x = torch.tensor(features[start : start + batch_size], dtype=torch.float32)
+            b = torch.tensor(base, dtype=torch.float32).expand_as(x)
             attr = ig.attribute(x, baselines=b, target=0, n_steps=n_steps)
             out.append(attr.detach().to(torch.float64).numpy())
     finally:

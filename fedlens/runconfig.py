@@ -26,9 +26,9 @@ class RunConfig(BaseModel):
     model: Literal["logistic", "mlp"] = "logistic"
     num_sites: int = Field(4, ge=2, le=64, alias="num-sites")
     rounds: int = Field(3, ge=1, le=1000, alias="num-server-rounds")
-    local_epochs: int = Field(1, ge=1, le=100, alias="local-epochs")
+    local_epochs: int = Field(2, ge=1, le=100, alias="local-epochs")
     batch_size: int = Field(256, ge=1, alias="batch-size")
-    learning_rate: float = Field(0.5, gt=0, le=100, alias="learning-rate")
+    learning_rate: float = Field(2.0, gt=0, le=100, alias="learning-rate")
     partition: Literal["dirichlet", "natural"] = "dirichlet"
     alpha: float = Field(1.0, gt=0)
     seed: int = 0

@@ -93,6 +93,8 @@ def run_demo(options: DemoOptions, *, console: Console | None = None) -> DemoRep
                 "state-dir": str(run_dir / "sites" / f"site-{i}"),
                 "epsilon": options.epsilon,
                 "delta": SITE_DELTA,
+                # All sites share this machine's cores: one torch thread each.
+                "threads": 1,
             },
         )
         for i in range(options.sites)

@@ -209,7 +209,9 @@ class LocalFederation:
             stream_log.close()
         if not run_ids:
             raise FedlensError(f"the Flower run was not accepted; see {self.logs / 'run.log'}")
-        info = json.loads(self.flwr("ls", CONNECTION, "--run-id", str(run_ids[0]), "--format", "json"))
+        info = json.loads(
+            self.flwr("ls", CONNECTION, "--run-id", str(run_ids[0]), "--format", "json")
+        )
         if not info.get("success"):
             raise FedlensError(f"cannot read the status of run {run_ids[0]}: {info}")
         run = info["runs"][0]

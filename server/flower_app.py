@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from fedlens.runconfig import RunConfig
 from fedlens.types import RoundPhase, RoundSpec, RoundStatus
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
 from privacy import FixedPointCodec
+from server.polling_grid import PollingGrid
 
 __all__ = ["app"]
 
@@ -182,8 +183,16 @@ def run_explanation_round(
         return _await_round(stub, spec.round_id, run.phase_timeout_s)
 
 
+def _write_summary(run: RunConfig, summary: Mapping[str, object]) -> None:
+    if run.out_dir:
+        out = Path(run.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = PollingGrid(grid)
     run = RunConfig.from_flower(context.run_config)
     dataset = load_dataset(run.dataset, seed=run.seed)
     test = dataset.test_data()
@@ -214,7 +223,12 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_global,
         train_config=ConfigRecord({"learning-rate": run.learning_rate}),
     )
-    status = run_explanation_round(grid, run, result.arrays, nodes, log)
+    trained = [n for n in nodes if n in log.names and log.names[n] not in log.refusals]
+    if len(trained) < 2:
+        refusals = "; ".join(f"{k}: {v}" for k, v in log.refusals.items()) or "no replies"
+        _write_summary(run, {"phase": "aborted", "reason": refusals, "refusals": log.refusals})
+        raise ProtocolError(f"training failed at too many sites ({refusals})")
+    status = run_explanation_round(grid, run, result.arrays, trained, log)
     summary = {
         "accuracy": history[-1]["accuracy"] if history else None,
         "history": history,
@@ -225,10 +239,7 @@ def main(grid: Grid, context: Context) -> None:
         "epsilon_total": log.epsilon_total,
         "refusals": log.refusals,
     }
-    if run.out_dir:
-        out = Path(run.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_summary(run, summary)
     if status.phase is not RoundPhase.COMPLETE:
         raise ProtocolError(
             f"explanation round {status.round_id} did not complete: {status.reason}"

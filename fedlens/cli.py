@@ -23,11 +23,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from fedlens.errors import FedlensError
+from fedlens.runconfig import validation_message
 from fedlens.settings import Settings
 from fedlens.types import Release
 
@@ -154,13 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     server.set_defaults(func=_cmd_server)
 
     query = sub.add_parser("query", help="read releases through the Query service")
-    query.add_argument("--address", default="", help="coordinator host:port")
-    query.add_argument("--json", action="store_true", help="machine-readable output")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--address", default="", help="coordinator host:port (default: FEDLENS_AGGREGATOR_ADDRESS)"
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
     qsub = query.add_subparsers(dest="query_command", required=True)
-    releases = qsub.add_parser("releases", help="list releases, newest first")
+    releases = qsub.add_parser("releases", parents=[common], help="list releases, newest first")
     releases.add_argument("--limit", type=int, default=50)
     releases.add_argument("--kind", default="")
-    show = qsub.add_parser("show", help="show one release")
+    show = qsub.add_parser("show", parents=[common], help="show one release")
     show.add_argument("release_id")
     show.add_argument("--top", type=int, default=10, help="features to show")
     query.set_defaults(func=_cmd_query)
@@ -174,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings()
         code: int = args.func(args, settings)
         return code
+    except ValidationError as exc:
+        err_console.print(f"[red]error:[/red] {validation_message('setting', exc)}")
+        return 2
     except FedlensError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         return 2

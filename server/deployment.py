@@ -8,6 +8,7 @@ is already installed. Everything Flower writes goes under ``workdir`` (``FLWR_HO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -252,10 +253,8 @@ class LocalFederation:
             time.sleep(0.2)
         for pid in tree:
             if _alive(pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         self._procs.clear()
         for f in self._files:
             f.close()

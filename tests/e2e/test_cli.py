@@ -1,0 +1,87 @@
+"""The commands a newcomer types: ``fedlens demo``, then ``fedlens server`` and
+``fedlens query`` reading the stored release back through the gRPC Query service."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server.deployment import free_port
+
+FEDLENS = [sys.executable, "-m", "fedlens.cli"]
+
+
+def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FEDLENS, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_demo_then_query_through_the_server(tmp_path: Path) -> None:
+    demo = run(
+        "demo",
+        "--dataset",
+        "breast_cancer",
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--workdir",
+        "work",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    for words in ("test accuracy of the global model", "privacy cost per site", "site-1"):
+        assert words in demo.stdout
+    database = f"sqlite:///{tmp_path / 'work' / 'fedlens.db'}"
+    assert database in demo.stdout.replace("\n", "")
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*FEDLENS, "server", "--address", f"127.0.0.1:{port}", "--database-url", database],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "FEDLENS_AGGREGATOR_ADDRESS": f"127.0.0.1:{port}"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            listed = run(
+                "query", "releases", "--json", "--address", f"127.0.0.1:{port}", cwd=tmp_path
+            )
+            if listed.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert listed.returncode == 0, listed.stderr
+        releases = json.loads(listed.stdout)
+        assert len(releases) == 1
+        assert releases[0]["kind"] == "global_attribution"
+        assert releases[0]["num_sites"] == 2
+
+        shown = run(
+            "query",
+            "show",
+            releases[0]["release_id"],
+            "--json",
+            "--address",
+            f"127.0.0.1:{port}",
+            cwd=tmp_path,
+        )
+        assert shown.returncode == 0, shown.stderr
+        release = json.loads(shown.stdout)
+        assert len(release["values"]) == 30  # breast_cancer's 30 features
+        assert all(c["epsilon_total"] <= 4.0 for c in release["costs"])
+
+        missing = run("query", "show", "nope", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+        assert missing.returncode == 2
+        assert "no release 'nope'" in missing.stderr
+    finally:
+        server.terminate()
+        server.wait(10)

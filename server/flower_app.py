@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -170,17 +170,24 @@ def run_explanation_round(
             for node in nodes
         ]
         replies = list(grid.send_and_receive(messages, timeout=3 * run.phase_timeout_s))
+        failed: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             name = log.names.get(node, f"node-{node}")
             if reply.has_error():
                 log.refusals[name] = reply.error.reason or "unknown error"
+                failed.append(f"{name}: {log.refusals[name]}")
                 logger.warning("%s failed the explanation round: %s", name, reply.error.reason)
                 continue
             metrics = reply.content.metric_records.get("metrics")
             if metrics is not None and "epsilon-total" in metrics:
                 log.epsilon_total[name] = float(metrics["epsilon-total"])  # type: ignore[arg-type]
-        return _await_round(stub, spec.round_id, run.phase_timeout_s)
+        status = _await_round(stub, spec.round_id, 0 if failed else run.phase_timeout_s)
+        if failed and not status.phase.finished:
+            # The aggregator aborts the round at its deadline, revealing nothing; the
+            # coordinator need not wait for that to report why.
+            status = replace(status, phase=RoundPhase.ABORTED, reason="; ".join(failed))
+        return status
 
 
 def _write_summary(run: RunConfig, summary: Mapping[str, object]) -> None:

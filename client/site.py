@@ -1,0 +1,161 @@
+"""A site's work for the federation, with no Flower in it.
+
+:mod:`client.flower_app` decodes Flower messages, calls these functions and encodes the
+replies. Each function asks the site's ledger before doing anything that touches the
+site's records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+from torch import nn
+
+from client.explanation import ExplainOutcome, ExplainRequest, contribute_explanation
+from client.ledger_store import LedgerStore
+from client.site_config import SiteConfig
+from client.training import planned_steps, train_dp
+from fedlens.datasets import SiteData, load_dataset
+from fedlens.models import build_model
+from fedlens.runconfig import RunConfig
+from privacy import LedgerEvent, NoiseSource, PrivacyLedger, SecureRandom, dpsgd_noise_multiplier
+
+__all__ = ["Site", "TrainOutcome"]
+
+logger = logging.getLogger(__name__)
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    state: dict[str, torch.Tensor]
+    records: int
+    mean_loss: float
+    epsilon_total: float
+    noise_multiplier: float
+
+
+class Site:
+    """One site in one run: its configuration, its records and its ledger."""
+
+    def __init__(self, run: RunConfig, config: SiteConfig) -> None:
+        self.run = run
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def data(self) -> SiteData:
+        dataset = load_dataset(self.run.dataset, seed=self.run.seed)
+        return dataset.site(
+            self.config.partition_id,
+            self.config.num_partitions,
+            partition=self.run.partition,
+            alpha=self.run.alpha,
+            seed=self.run.seed,
+        )
+
+    def ledger(self) -> tuple[LedgerStore, PrivacyLedger]:
+        store = LedgerStore(self.config.ledger_path)
+        return store, store.load(self.config.epsilon, self.config.delta)
+
+    def model(self, dimension: int, state: StateDict) -> nn.Module:
+        model = build_model(self.run.model, dimension, seed=self.run.seed)
+        model.load_state_dict(state)
+        return model
+
+    def training_noise(self, q: float, total_steps: int) -> float:
+        """DP-SGD noise multiplier for the planned training, calibrated once per plan.
+
+        Calibration is deterministic in its inputs, so the site keeps the result beside its
+        ledger instead of recomputing it in every round's fresh process.
+        """
+        path = self.config.state_dir / "noise.json"
+        key = f"{self.run.train_epsilon!r}:{self.config.delta!r}:{q!r}:{total_steps}"
+        cache: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        if key not in cache:
+            cache[key] = dpsgd_noise_multiplier(
+                self.run.train_epsilon, self.config.delta, q, total_steps
+            )
+            path.write_text(json.dumps(cache))
+        return cache[key]
+
+    def train(self, state: StateDict, server_round: int, *, now: datetime) -> TrainOutcome:
+        """One FedAvg round of DP-SGD; refused before training if the budget cannot pay."""
+        run = self.run
+        data = self.data()
+        q, steps = planned_steps(len(data.labels), run.batch_size, run.local_epochs)
+        # Noise for the whole planned training, so that every round's spend is the same.
+        z = self.training_noise(q, steps * run.rounds)
+        event = LedgerEvent(
+            kind="dpsgd",
+            noise_multiplier=z,
+            sampling_rate=q,
+            steps=steps,
+            label=f"training round {server_round}",
+            created_at=now,
+        )
+        store, ledger = self.ledger()
+        epsilon_after = ledger.record(event)  # raises BudgetExceededError, nothing spent
+        store.append(event, epsilon_after)
+        model = self.model(data.features.shape[1], state)
+        result = train_dp(
+            model,
+            data.features,
+            data.labels,
+            epochs=run.local_epochs,
+            batch_size=run.batch_size,
+            learning_rate=run.learning_rate,
+            noise_multiplier=z,
+            max_grad_norm=run.max_grad_norm,
+        )
+        logger.info(
+            "%s round %d: %d steps, loss %.4f, ε %.3f of %.3f",
+            self.name,
+            server_round,
+            result.steps,
+            result.mean_loss,
+            epsilon_after,
+            self.config.epsilon,
+        )
+        return TrainOutcome(
+            state=model.state_dict(),
+            records=result.records,
+            mean_loss=result.mean_loss,
+            epsilon_total=epsilon_after,
+            noise_multiplier=z,
+        )
+
+    def explain(
+        self,
+        request: ExplainRequest,
+        state: StateDict,
+        *,
+        now: datetime,
+        rng: NoiseSource | None = None,
+    ) -> ExplainOutcome:
+        """Contribute this site's clipped, noised, masked explanation to the aggregator."""
+        data = self.data()
+        model = self.model(data.features.shape[1], state)
+        store, ledger = self.ledger()
+        return contribute_explanation(
+            request,
+            site_id=self.name,
+            model=model,
+            features=data.features,
+            labels=data.labels,
+            ledger=ledger,
+            store=store,
+            rng=rng or SecureRandom(),
+            now=now,
+        )

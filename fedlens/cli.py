@@ -125,6 +125,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     console.print(_release_table(report.release, top=8))
     console.print(_cost_table(report.release))
     console.print(f"test accuracy of the global model: {report.accuracy:.3f}")
+    console.print(f"finished in {report.seconds:.0f} s; site logs in {report.run_dir / 'logs'}")
     console.print(f"release {report.release.release_id} stored in {report.database_url}")
     console.print(
         "read it back: fedlens server --database-url "

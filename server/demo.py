@@ -9,6 +9,7 @@ aggregation; the release is read back through the ``Query`` service.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from server.grpc_server import serve
 from server.storage import Store
 
 __all__ = ["DemoOptions", "DemoReport", "run_demo"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Share of each site's ε budget given to DP-SGD; the explanation release gets the rest.
 TRAINING_SHARE = 0.7
@@ -121,14 +124,15 @@ def run_demo(options: DemoOptions, *, console: Console | None = None) -> DemoRep
             )
 
             def progress(line: str) -> None:
-                text = line.strip()
-                if "[ROUND" in text or "explanation" in text.lower():
-                    status.update(text)
-                    console.log(text)
-                elif "accuracy" in text and "'" in text:
-                    console.log(text)
+                text = _ANSI.sub("", line).strip()
+                if "[ROUND" in text:
+                    status.update(f"training {text.split('[', 1)[1].rstrip(']').lower()}")
+                    console.log(f"training {text.split('[', 1)[1].rstrip(']').lower()}")
+                elif "Global Arrays" in text:
+                    status.update("explanation round: attributions, noise, masked aggregation")
+                    console.log("training done; explanation round")
 
-            status.update("running (3 s polling per Flower message round)")
+            status.update("waiting for the sites to connect")
             outcome = federation.run(run.to_flower(), on_line=progress)
         summary_path = run_dir / "out" / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}

@@ -20,16 +20,18 @@ from client.ledger_store import LedgerStore
 from client.secagg_client import AggregationClient
 from explain import get_kind, l2_sensitivity
 from fedlens.errors import ConfigurationError
-from fedlens.types import PrivacyCost, RoundStatus
+from fedlens.types import KeyAdvertisement, MaskedSubmission, PrivacyCost, RoundStatus
 from privacy import (
     FixedPointCodec,
     LedgerEvent,
     NoiseSource,
     PrivacyLedger,
     gaussian_noise_multiplier,
+    generate_keypair,
+    mask_vector,
 )
 
-__all__ = ["ExplainOutcome", "ExplainRequest", "contribute_explanation"]
+__all__ = ["ExplainOutcome", "ExplainRequest", "contribute_explanation", "per_site_limit"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +96,17 @@ def contribute_explanation(
 ) -> ExplainOutcome:
     """Compute, clip, noise, account, encode, mask and submit this site's contribution.
 
+    The spend is recorded only once every site of the round has advertised its key, so
+    a round that never gathers its sites costs nobody anything; it is recorded before
+    any noised value leaves the site.
+
     Raises
     ------
     BudgetExceededError
         The release does not fit the site's remaining budget; nothing was computed.
     ProtocolError
-        The round failed (a site missing, the round aborted); the spend stays recorded.
+        The round failed (a site missing, the round aborted, keys that do not match the
+        round); nothing was submitted.
     """
     if site_id not in request.site_ids:
         raise ConfigurationError(f"site {site_id!r} is not among the round's sites")
@@ -112,36 +119,57 @@ def contribute_explanation(
         created_at=now,
     )
     ledger.check(event)  # refuse before doing any work
-
-    contribution = kind.contribute(model, features, labels, request.params, request.clip_bound)
-    std = z * l2_sensitivity(request.clip_bound)
-
-    epsilon_total = ledger.record(event)
-    store.append(event, epsilon_total)
-    noised = contribution.vector + rng.normal(contribution.vector.size, std)
-    codec = FixedPointCodec(bits=request.bits, scale=request.scale)
-    encoded = codec.encode(noised, rng)
-    cost = PrivacyCost(
-        site_id=site_id, epsilon=request.epsilon, delta=request.delta, epsilon_total=epsilon_total
-    )
+    keys = generate_keypair()
     with connect(request.aggregator) as client:
-        outcome = client.contribute(
-            round_id=request.round_id,
-            site_id=site_id,
-            encoded=encoded,
-            bits=request.bits,
-            cost=cost,
-            noise_std=std,
+        client.advertise(
+            KeyAdvertisement(
+                round_id=request.round_id, site_id=site_id, public_key=keys.public_bytes
+            )
+        )
+        contribution = kind.contribute(model, features, labels, request.params, request.clip_bound)
+        peers = client.wait_for_peers(
+            request.round_id,
+            site_id,
+            expected=request.site_ids,
+            own_key=keys.public_bytes,
             timeout_s=request.timeout_s,
         )
+        epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
+        std = z * l2_sensitivity(request.clip_bound)
+        noised = contribution.vector + rng.normal(contribution.vector.size, std)
+        # Clamping to the range the round's encoding reserves for one site is
+        # post-processing of a DP value; it rules out wrap-around in the sum.
+        codec = FixedPointCodec(bits=request.bits, scale=request.scale)
+        limit = per_site_limit(codec, len(request.site_ids))
+        encoded = codec.encode(np.clip(noised, -limit, limit), rng)
+        cost = PrivacyCost(
+            site_id=site_id,
+            epsilon=request.epsilon,
+            delta=request.delta,
+            epsilon_total=epsilon_total,
+        )
+        masked = mask_vector(encoded, keys, site_id, peers, request.round_id, request.bits)
+        status = client.submit(
+            MaskedSubmission(
+                round_id=request.round_id,
+                site_id=site_id,
+                values=masked,
+                cost=cost,
+                noise_std=std,
+            )
+        )
     logger.info(
-        "site %s contributed %d records to round %s (noise std %.3g, ε total %.3f)",
+        "site %s contributed to round %s (noise std %.3g, ε total %.3f)",
         site_id,
-        contribution.count,
         request.round_id,
         std,
         epsilon_total,
     )
     return ExplainOutcome(
-        site_id=site_id, records=contribution.count, noise_std=std, cost=cost, status=outcome.status
+        site_id=site_id, records=contribution.count, noise_std=std, cost=cost, status=status
     )
+
+
+def per_site_limit(codec: FixedPointCodec, num_sites: int) -> float:
+    """Largest magnitude one site may encode so that the sum of all sites cannot wrap."""
+    return float((2 ** (codec.bits - 2) / num_sites - 1) / codec.scale)

@@ -92,14 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(outcome.state),
-            "metrics": MetricRecord(
-                {
-                    "num-examples": outcome.records,
-                    "train-loss": outcome.mean_loss,
-                    "epsilon-total": outcome.epsilon_total,
-                    "noise-multiplier": outcome.noise_multiplier,
-                }
-            ),
+            # Every site weighs the same in FedAvg: a record count is not DP.
+            "metrics": MetricRecord({"weight": 1, "epsilon-total": outcome.epsilon_total}),
             "site": ConfigRecord({"site-name": site.name}),
         }
     )

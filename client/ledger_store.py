@@ -117,6 +117,8 @@ class LedgerStore:
     def append(self, event: LedgerEvent, epsilon_after: float) -> None:
         """Store ``event`` and the ε the site reached with it, in one transaction.
 
+        Prefer :meth:`spend`, which also checks the budget inside the same transaction.
+
         Raises
         ------
         ConfigurationError
@@ -134,19 +136,47 @@ class LedgerStore:
         with closing(self._connect()) as conn:
             _read_meta(conn, self.path)
             with _transaction(conn, self.path):
-                conn.execute(
-                    "INSERT INTO events (kind, noise_multiplier, sampling_rate, steps, label, "
-                    "created_at, epsilon_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        event.kind,
-                        event.noise_multiplier,
-                        event.sampling_rate,
-                        event.steps,
-                        event.label,
-                        event.created_at.isoformat(),
-                        float(epsilon_after),
-                    ),
+                self._insert(conn, event, epsilon_after)
+
+    def spend(self, event: LedgerEvent, budget_epsilon: float, delta: float) -> float:
+        """Check ``event`` against the budget and store it, atomically; return the new ε.
+
+        The stored events are re-read inside a write transaction, so two processes of
+        the same site cannot both pass the check and together overspend.
+
+        Raises
+        ------
+        BudgetExceededError
+            The event would take the site past its budget; nothing is stored.
+        """
+        self.load(budget_epsilon, delta)  # creates the file, checks the budget
+        with closing(self._connect()) as conn:
+            meta = _read_meta(conn, self.path)
+            with _transaction(conn, self.path):
+                rows = _select_events(conn, self.path)
+                ledger = PrivacyLedger(
+                    meta["budget_epsilon"],
+                    meta["delta"],
+                    [_event_from_row(row, self.path) for row in rows],
                 )
+                epsilon_after = ledger.record(event)
+                self._insert(conn, event, epsilon_after)
+        return epsilon_after
+
+    def _insert(self, conn: sqlite3.Connection, event: LedgerEvent, epsilon_after: float) -> None:
+        conn.execute(
+            "INSERT INTO events (kind, noise_multiplier, sampling_rate, steps, label, "
+            "created_at, epsilon_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.kind,
+                event.noise_multiplier,
+                event.sampling_rate,
+                event.steps,
+                event.label,
+                event.created_at.isoformat(),
+                float(epsilon_after),
+            ),
+        )
 
     def history(self) -> list[HistoryRow]:
         """Every stored event, oldest first, as plain dicts for printing.

@@ -1,37 +1,35 @@
 """The site's side of a secure-aggregation round, over gRPC.
 
-Advertise an X25519 key, wait until every site of the round has, mask the encoded
-contribution with the pairwise masks (:mod:`privacy.masking`) and submit it. Only this
-module and :mod:`fedlens.wire` touch the generated stubs on the site.
+Three steps, each a call or a poll: advertise an X25519 key, wait until every site of the
+round has (checking that the keys returned are exactly the round's sites, this site's own
+key among them), then submit the masked vector. Only this module and :mod:`fedlens.wire`
+touch the generated stubs on the site; every call has a deadline and failures come back
+as fedlens errors.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 
 from fedlens import wire
-from fedlens.errors import DropoutError, StaleRoundError
-from fedlens.types import KeyAdvertisement, MaskedSubmission, PrivacyCost, RoundPhase, RoundStatus
+from fedlens.errors import DropoutError, IntegrityError, StaleRoundError
+from fedlens.status_codes import error_from_rpc
+from fedlens.types import KeyAdvertisement, MaskedSubmission, RoundPhase, RoundStatus
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
-from privacy import generate_keypair, mask_vector
 
-__all__ = ["AggregationClient", "SubmitOutcome"]
+__all__ = ["MAX_MESSAGE_BYTES", "AggregationClient"]
 
 logger = logging.getLogger(__name__)
 
+# A contribution of a million float coordinates as uint64 is about 10 MB on the wire.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
-
-@dataclass(frozen=True)
-class SubmitOutcome:
-    status: RoundStatus
-    peers: tuple[str, ...]
+_Reply = TypeVar("_Reply")
 
 
 class AggregationClient:
@@ -41,6 +39,8 @@ class AggregationClient:
     ----------
     address
         ``host:port`` of the aggregator.
+    call_timeout_s
+        Deadline of every single call.
     poll_interval
         Seconds between polls while waiting for peers' keys.
     sleep, clock
@@ -51,10 +51,12 @@ class AggregationClient:
         self,
         address: str,
         *,
+        call_timeout_s: float = 30.0,
         poll_interval: float = 0.05,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._address = address
         self._channel = grpc.insecure_channel(
             address,
             options=[
@@ -63,6 +65,7 @@ class AggregationClient:
             ],
         )
         self._stub = aggregation_pb2_grpc.AggregationStub(self._channel)
+        self._timeout = call_timeout_s
         self._poll = poll_interval
         self._sleep = sleep
         self._clock = clock
@@ -76,61 +79,49 @@ class AggregationClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def status(self, round_id: str) -> RoundStatus:
-        msg = self._stub.GetRoundStatus(aggregation_pb2.GetRoundStatusRequest(round_id=round_id))
-        return wire.round_status_from_proto(msg)
+    def _call(self, method: Callable[..., _Reply], request: Any) -> _Reply:
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self._address) from None
 
-    def contribute(
+    def advertise(self, adv: KeyAdvertisement) -> RoundStatus:
+        reply = self._call(self._stub.AdvertiseKey, wire.key_advertisement_to_proto(adv))
+        return wire.round_status_from_proto(reply.status)
+
+    def wait_for_peers(
         self,
-        *,
         round_id: str,
         site_id: str,
-        encoded: np.ndarray,
-        bits: int,
-        cost: PrivacyCost,
-        noise_std: float,
+        *,
+        expected: Collection[str],
+        own_key: bytes,
         timeout_s: float,
-    ) -> SubmitOutcome:
-        """Run the site's whole protocol for one round and return the round's status.
-
-        Parameters
-        ----------
-        encoded
-            ``(length,)`` uint64 fixed-point contribution, already noised.
-        timeout_s
-            How long to wait for the other sites' keys before giving up.
+    ) -> dict[str, bytes]:
+        """Every site's public key, once all have advertised.
 
         Raises
         ------
         DropoutError
-            Not every site advertised a key in time; nothing was submitted.
+            Not every site advertised within ``timeout_s``.
         StaleRoundError
-            The round was aborted by the aggregator.
+            The aggregator aborted the round.
+        IntegrityError
+            The keys returned are not exactly the round's sites, or this site's key is
+            not its own: submitting would leave the contribution unmasked.
         """
-        keys = generate_keypair()
-        adv = KeyAdvertisement(round_id=round_id, site_id=site_id, public_key=keys.public_bytes)
-        self._stub.AdvertiseKey(wire.key_advertisement_to_proto(adv))
-        peers = self._wait_for_peers(round_id, site_id, timeout_s)
-        masked = mask_vector(encoded, keys, site_id, peers, round_id, bits)
-        sub = MaskedSubmission(
-            round_id=round_id, site_id=site_id, values=masked, cost=cost, noise_std=noise_std
-        )
-        reply = self._stub.SubmitMasked(wire.masked_submission_to_proto(sub))
-        status = wire.round_status_from_proto(reply.status)
-        return SubmitOutcome(status=status, peers=tuple(sorted(peers)))
-
-    def _wait_for_peers(self, round_id: str, site_id: str, timeout_s: float) -> dict[str, bytes]:
         deadline = self._clock() + timeout_s
         request = aggregation_pb2.GetPeerKeysRequest(round_id=round_id, site_id=site_id)
         while True:
-            try:
-                reply = self._stub.GetPeerKeys(request)
-            except grpc.RpcError as exc:
-                if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                    raise StaleRoundError(exc.details() or "round aborted") from exc
-                raise
+            reply = self._call(self._stub.GetPeerKeys, request)
             if reply.keys:
-                return {k.site_id: bytes(k.public_key) for k in reply.keys}
+                keys = {k.site_id: bytes(k.public_key) for k in reply.keys}
+                if set(keys) != set(expected) or len(keys) < 2 or keys.get(site_id) != own_key:
+                    raise IntegrityError(
+                        f"round {round_id}: the aggregator returned keys for {sorted(keys)}, "
+                        f"expected {sorted(expected)} with this site's own key"
+                    )
+                return keys
             status = wire.round_status_from_proto(reply.status)
             if status.phase is RoundPhase.ABORTED:
                 raise StaleRoundError(f"round {round_id} aborted: {status.reason}")
@@ -140,3 +131,7 @@ class AggregationClient:
                     f"sites' keys (have {', '.join(status.advertised) or 'none'})"
                 )
             self._sleep(self._poll)
+
+    def submit(self, sub: MaskedSubmission) -> RoundStatus:
+        reply = self._call(self._stub.SubmitMasked, wire.masked_submission_to_proto(sub))
+        return wire.round_status_from_proto(reply.status)

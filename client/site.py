@@ -34,11 +34,13 @@ StateDict = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class TrainOutcome:
+    """What leaves the site after a round: the DP-trained weights and its ε so far.
+
+    Record counts and training losses stay at the site: they are not noised.
+    """
+
     state: dict[str, torch.Tensor]
-    records: int
-    mean_loss: float
     epsilon_total: float
-    noise_multiplier: float
 
 
 class Site:
@@ -87,7 +89,9 @@ class Site:
             cache[key] = dpsgd_noise_multiplier(
                 self.run.train_epsilon, self.config.delta, q, total_steps
             )
-            path.write_text(json.dumps(cache))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(path)
         return cache[key]
 
     def train(self, state: StateDict, server_round: int, *, now: datetime) -> TrainOutcome:
@@ -105,9 +109,10 @@ class Site:
             label=f"training round {server_round}",
             created_at=now,
         )
-        store, ledger = self.ledger()
-        epsilon_after = ledger.record(event)  # raises BudgetExceededError, nothing spent
-        store.append(event, epsilon_after)
+        # Checked and stored in one transaction; BudgetExceededError spends nothing.
+        epsilon_after = LedgerStore(self.config.ledger_path).spend(
+            event, self.config.epsilon, self.config.delta
+        )
         model = self.model(data.features.shape[1], state)
         result = train_dp(
             model,
@@ -120,21 +125,14 @@ class Site:
             max_grad_norm=run.max_grad_norm,
         )
         logger.info(
-            "%s round %d: %d steps, loss %.4f, ε %.3f of %.3f",
+            "%s round %d: %d steps, ε %.3f of %.3f",
             self.name,
             server_round,
             result.steps,
-            result.mean_loss,
             epsilon_after,
             self.config.epsilon,
         )
-        return TrainOutcome(
-            state=model.state_dict(),
-            records=result.records,
-            mean_loss=result.mean_loss,
-            epsilon_total=epsilon_after,
-            noise_multiplier=z,
-        )
+        return TrainOutcome(state=model.state_dict(), epsilon_total=epsilon_after)
 
     def explain(
         self,

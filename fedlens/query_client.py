@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fedlens import wire
-from fedlens.errors import FedlensError, NotFoundError
+from fedlens.status_codes import error_from_rpc
 from fedlens.types import Release, ReleaseSummary
 from fedlens.v1 import query_pb2, query_pb2_grpc
 
@@ -59,11 +59,4 @@ class QueryClient:
         try:
             return method(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code is grpc.StatusCode.NOT_FOUND:
-                raise NotFoundError(exc.details() or "not found") from None
-            if code is grpc.StatusCode.UNAVAILABLE:
-                raise FedlensError(
-                    f"no fedlens server answers at {self._address} ({exc.details()})"
-                ) from None
-            raise FedlensError(f"{code.name}: {exc.details()}") from None
+            raise error_from_rpc(exc, self._address) from None

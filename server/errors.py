@@ -1,4 +1,4 @@
-"""The one table from fedlens errors to gRPC status codes, applied by an interceptor."""
+"""Applies the table of :mod:`fedlens.status_codes` to every call, in one interceptor."""
 
 from __future__ import annotations
 
@@ -9,35 +9,11 @@ from typing import Any
 import grpc
 
 from fedlens import errors
+from fedlens.status_codes import STATUS_CODES, status_code_for
 
 __all__ = ["STATUS_CODES", "ErrorMappingInterceptor", "status_code_for"]
 
 logger = logging.getLogger(__name__)
-
-# Most specific class first: the first isinstance match wins.
-STATUS_CODES: tuple[tuple[type[errors.FedlensError], grpc.StatusCode], ...] = (
-    (errors.BudgetExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.PrivacyError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.DuplicateSubmissionError, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.UnknownRoundError, grpc.StatusCode.NOT_FOUND),
-    (errors.StaleRoundError, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.DropoutError, grpc.StatusCode.ABORTED),
-    (errors.IntegrityError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.ExplanationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.DatasetError, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (errors.StorageError, grpc.StatusCode.INTERNAL),
-    (errors.FedlensError, grpc.StatusCode.INTERNAL),
-)
-
-
-def status_code_for(exc: errors.FedlensError) -> grpc.StatusCode:
-    for cls, code in STATUS_CODES:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL  # pragma: no cover - FedlensError is the last row
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):

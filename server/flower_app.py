@@ -220,6 +220,7 @@ def main(grid: Grid, context: Context) -> None:
         log,
         fraction_train=1.0,
         fraction_evaluate=0.0,
+        weighted_by_key="weight",
         min_train_nodes=run.num_sites,
         min_available_nodes=run.num_sites,
     )

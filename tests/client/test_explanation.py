@@ -72,3 +72,18 @@ def test_a_site_outside_the_round_is_refused(tmp_path: Path) -> None:
             now=NOW,
             connect=never_connect,
         )
+
+
+def test_two_writers_of_one_ledger_cannot_overspend_together(tmp_path: Path) -> None:
+    from privacy import LedgerEvent, gaussian_noise_multiplier
+
+    path = tmp_path / "ledger.sqlite"
+    first, second = LedgerStore(path), LedgerStore(path)
+    first.load(1.0, 1e-5)  # a process that loaded before the other one spent
+    event = LedgerEvent(
+        kind="gaussian", noise_multiplier=gaussian_noise_multiplier(0.8, 1e-5), created_at=NOW
+    )
+    second.spend(event, 1.0, 1e-5)
+    with pytest.raises(BudgetExceededError):
+        first.spend(event, 1.0, 1e-5)
+    assert len(first.history()) == 1

@@ -42,7 +42,6 @@ def initial_state() -> dict[str, object]:
 
 def test_training_spends_within_budget_and_records_it(tmp_path: Path) -> None:
     outcome = site(tmp_path, 4.0).train(initial_state(), 1, now=NOW)  # type: ignore[arg-type]
-    assert outcome.records > 100
     # One of the two planned rounds: less than the whole training budget.
     assert 0.5 < outcome.epsilon_total < 2.0
     history = LedgerStore(tmp_path / "ledger.sqlite").history()

@@ -17,7 +17,8 @@ import pytest
 
 from client.secagg_client import AggregationClient
 from fedlens import wire
-from fedlens.types import PrivacyCost, RoundPhase, RoundSpec
+from fedlens.errors import IntegrityError
+from fedlens.types import KeyAdvertisement, MaskedSubmission, PrivacyCost, RoundPhase, RoundSpec
 from fedlens.v1 import aggregation_pb2, query_pb2
 from privacy import FixedPointCodec, SeededRandom, generate_keypair, mask_vector
 from tests.server.conftest import Coordinator
@@ -64,18 +65,18 @@ def run_sites(coord: Coordinator, vectors: dict[str, np.ndarray], s: RoundSpec) 
     results: list[object] = []
 
     def one(site: str) -> None:
+        keys = generate_keypair()
         encoded = codec.encode(vectors[site], SeededRandom(1))
         with AggregationClient(coord.running.address) as client:
             try:
+                client.advertise(KeyAdvertisement(s.round_id, site, keys.public_bytes))
+                peers = client.wait_for_peers(
+                    s.round_id, site, expected=s.site_ids, own_key=keys.public_bytes, timeout_s=5.0
+                )
+                masked = mask_vector(encoded, keys, site, peers, s.round_id, s.bits)
                 results.append(
-                    client.contribute(
-                        round_id=s.round_id,
-                        site_id=site,
-                        encoded=encoded,
-                        bits=s.bits,
-                        cost=cost(site),
-                        noise_std=0.1,
-                        timeout_s=5.0,
+                    client.submit(
+                        MaskedSubmission(s.round_id, site, masked, cost(site), noise_std=0.1)
                     )
                 )
             except Exception as exc:  # collected and asserted on below
@@ -284,3 +285,26 @@ def test_unknown_release_is_not_found(coordinator: Coordinator) -> None:
     with pytest.raises(grpc.RpcError) as info:
         coordinator.query.GetRelease(query_pb2.GetReleaseRequest(release_id="missing"))
     assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_a_site_refuses_keys_that_are_not_exactly_the_rounds_sites(
+    coordinator: Coordinator,
+) -> None:
+    s = spec(round_id="r3", sites=("site-0", "site-1"))
+    open_round(coordinator, s)
+    mine, other = generate_keypair(), generate_keypair()
+    with AggregationClient(coordinator.running.address) as client:
+        client.advertise(KeyAdvertisement("r3", "site-0", mine.public_bytes))
+        client.advertise(KeyAdvertisement("r3", "site-1", other.public_bytes))
+        with pytest.raises(IntegrityError, match="expected"):
+            client.wait_for_peers(
+                "r3",
+                "site-0",
+                expected=("site-0", "site-1", "site-2"),
+                own_key=mine.public_bytes,
+                timeout_s=1.0,
+            )
+        with pytest.raises(IntegrityError, match="own key"):
+            client.wait_for_peers(
+                "r3", "site-0", expected=s.site_ids, own_key=other.public_bytes, timeout_s=1.0
+            )

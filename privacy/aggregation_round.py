@@ -35,10 +35,10 @@ from fedlens.types import (
     RoundSpec,
     RoundStatus,
 )
+from privacy.fixedpoint import MAX_BITS
+from privacy.masking import PUBLIC_KEY_BYTES
 
 __all__ = ["AggregationRound", "RoundResult"]
-
-PUBLIC_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,8 @@ def _validate_spec(spec: RoundSpec) -> None:
         raise ConfigurationError(
             f"a round needs at least 2 distinct sites, got {list(spec.site_ids)}"
         )
-    if not 2 <= spec.bits <= 62:
-        raise ConfigurationError(f"bits must be in [2, 62], got {spec.bits}")
+    if not 2 <= spec.bits <= MAX_BITS:
+        raise ConfigurationError(f"bits must be in [2, {MAX_BITS}], got {spec.bits}")
     if spec.length != len(spec.labels) + 1:
         raise ConfigurationError(
             f"length {spec.length} must be len(labels) + 1 = {len(spec.labels) + 1}"

@@ -13,8 +13,16 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import numpy as np
+
 from explain import get_kind
-from fedlens.errors import DuplicateSubmissionError, FedlensError, UnknownRoundError
+from fedlens.errors import (
+    ConfigurationError,
+    DuplicateSubmissionError,
+    FedlensError,
+    StorageError,
+    UnknownRoundError,
+)
 from fedlens.types import (
     KeyAdvertisement,
     MaskedSubmission,
@@ -58,22 +66,21 @@ class Aggregator:
         self._store = store
         self._clock = clock
         self._wall = wall_clock
-        self._rounds: dict[str, AggregationRound] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        # One entry per open round, its state and the lock that serialises it.
+        self._rounds: dict[str, tuple[AggregationRound, threading.Lock]] = {}
         self._registry_lock = threading.Lock()
 
     # -- coordinator ---------------------------------------------------------------
 
     def open_round(self, spec: RoundSpec, *, actor: str = "coordinator") -> RoundStatus:
-        get_kind(spec.kind)  # unknown kinds are refused before anything is stored
+        _check_postprocessor(spec)  # refused before anything is stored
         with self._registry_lock:
             if spec.round_id in self._rounds or self._store.round_exists(spec.round_id):
                 self._audit(actor, "open_round", spec.round_id, "refused", "round id in use")
                 raise DuplicateSubmissionError(f"round {spec.round_id} already exists")
             state = AggregationRound(spec, now=self._clock())
             self._store.save_round(spec, state.phase.value, now=self._wall())
-            self._rounds[spec.round_id] = state
-            self._locks[spec.round_id] = threading.Lock()
+            self._rounds[spec.round_id] = (state, threading.Lock())
         self._audit(actor, "open_round", spec.round_id, "ok", f"sites={list(spec.site_ids)}")
         logger.info(
             "opened round %s (%s) for %d sites", spec.round_id, spec.kind, len(spec.site_ids)
@@ -102,7 +109,16 @@ class Aggregator:
         def step(state: AggregationRound) -> RoundStatus:
             status = state.submit(sub, now=self._clock())
             if state.ready:
-                self._finish(state)
+                try:
+                    self._finish(state)
+                except Exception as exc:
+                    # Nothing was released: end the round rather than leave it waiting.
+                    state.abort(f"finishing the round failed: {exc}")
+                    if isinstance(exc, FedlensError):
+                        raise
+                    raise StorageError(
+                        f"round {sub.round_id} could not be finished: {exc}"
+                    ) from exc
                 status = state.status(self._clock())
             return status
 
@@ -125,21 +141,22 @@ class Aggregator:
         *,
         audit_ok: bool = True,
     ) -> RoundStatus:
-        state = self._rounds.get(round_id)
-        if state is None:
+        entry = self._rounds.get(round_id)
+        if entry is None:
             self._audit(actor, action, round_id, "refused", "unknown round")
             raise UnknownRoundError(f"no open round {round_id!r}")
-        with self._locks[round_id]:
+        state, lock = entry
+        with lock:
             before = state.phase
             try:
                 status = step(state)
             except FedlensError as exc:
-                self._audit(actor, action, round_id, "refused", f"{type(exc).__name__}: {exc}")
                 self._persist_phase(state, before)
+                self._audit(actor, action, round_id, "refused", f"{type(exc).__name__}: {exc}")
                 raise
+            self._persist_phase(state, before)
             if audit_ok:
                 self._audit(actor, action, round_id, "ok")
-            self._persist_phase(state, before)
             return status
 
     def _persist_phase(self, state: AggregationRound, before: RoundPhase) -> None:
@@ -191,6 +208,23 @@ class Aggregator:
             outcome=outcome,
             detail=detail,
         )
+
+
+def _check_postprocessor(spec: RoundSpec) -> None:
+    """Refuse a round whose kind is unknown or whose parameters its post-processor rejects.
+
+    The post-processor runs once on a zero sum, so that malformed parameters fail here,
+    at ``OpenRound``, and not after every site has spent its budget.
+    """
+    kind = get_kind(spec.kind)
+    try:
+        kind.postprocess(
+            np.zeros(max(spec.length, 1)), 0.0, spec.clip_bound or 1.0, spec.labels, spec.params
+        )
+    except Exception as exc:
+        raise ConfigurationError(
+            f"round {spec.round_id}: parameters rejected by {spec.kind}: {exc}"
+        ) from None
 
 
 # Spec parameters worth keeping with a release (the rest are encodings for the post-processor).

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from client.secagg_client import MAX_MESSAGE_BYTES
 from fedlens import wire
 from fedlens.errors import ConfigurationError
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
@@ -23,9 +24,6 @@ from server.errors import ErrorMappingInterceptor
 __all__ = ["AggregationServicer", "QueryServicer", "RunningServer", "serve"]
 
 logger = logging.getLogger(__name__)
-
-# A contribution of a million float coordinates as uint64 is ~10 MB on the wire.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):

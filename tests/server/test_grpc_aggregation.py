@@ -308,3 +308,30 @@ def test_a_site_refuses_keys_that_are_not_exactly_the_rounds_sites(
             client.wait_for_peers(
                 "r3", "site-0", expected=s.site_ids, own_key=other.public_bytes, timeout_s=1.0
             )
+
+
+def test_malformed_parameters_are_refused_when_the_round_opens(coordinator: Coordinator) -> None:
+    bad = RoundSpec(**{**spec(round_id="r4").__dict__, "params": {"groups": "{not json"}})
+    with pytest.raises(grpc.RpcError) as info:
+        open_round(coordinator, bad)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "parameters rejected" in (info.value.details() or "")  # type: ignore[attr-defined]
+    assert not coordinator.store.round_exists("r4")
+
+
+def test_a_round_that_cannot_be_finished_aborts_and_releases_nothing(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlens.errors import StorageError
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise StorageError("disk full")
+
+    monkeypatch.setattr(coordinator.store, "save_release", broken)
+    open_round(coordinator, spec(round_id="r5"))
+    results = run_sites(coordinator, site_vectors(), spec(round_id="r5"))
+    assert sum(isinstance(r, Exception) for r in results) == 1  # the last submitter
+    status = coordinator.aggregator.status("r5")
+    assert status.phase is RoundPhase.ABORTED
+    assert "disk full" in status.reason
+    assert coordinator.store.round_phase("r5")[0] == "aborted"

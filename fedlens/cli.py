@@ -93,10 +93,12 @@ def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                 print(json.dumps([asdict(s) for s in summaries], indent=2))
                 return 0
             table = Table(title="releases")
-            for col in ("release", "kind", "round", "created", "sites"):
-                table.add_column(col)
+            table.add_column("release", no_wrap=True, min_width=32)
+            table.add_column("kind")
+            table.add_column("created")
+            table.add_column("sites", justify="right")
             for s in summaries:
-                table.add_row(s.release_id, s.kind, s.round_id, s.created_at, str(s.num_sites))
+                table.add_row(s.release_id, s.kind, s.created_at[:16], str(s.num_sites))
             console.print(table)
             return 0
         release = client.get_release(args.release_id)

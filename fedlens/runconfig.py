@@ -52,7 +52,7 @@ class RunConfig(BaseModel):
 
     def to_flower(self) -> dict[str, str | int | float]:
         """The ``--run-config`` pairs Flower accepts (keys as the Flower app declares them)."""
-        return {k: v for k, v in self.model_dump(by_alias=True).items()}
+        return dict(self.model_dump(by_alias=True))
 
 
 def validation_message(what: str, exc: ValidationError) -> str:

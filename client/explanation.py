@@ -7,6 +7,7 @@ and only the masked, noised, fixed-point vector is sent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -18,8 +19,8 @@ from torch import nn
 
 from client.ledger_store import LedgerStore
 from client.secagg_client import AggregationClient
-from explain import get_kind, l2_sensitivity
-from fedlens.errors import ConfigurationError
+from explain import Contribution, ExplanationKind, get_kind, l2_sensitivity
+from fedlens.errors import ConfigurationError, FedlensError, ProtocolError
 from fedlens.types import KeyAdvertisement, MaskedSubmission, PrivacyCost, RoundStatus
 from privacy import (
     FixedPointCodec,
@@ -107,6 +108,9 @@ def contribute_explanation(
     ProtocolError
         The round failed (a site missing, the round aborted, keys that do not match the
         round); nothing was submitted.
+
+    Any other refusal (budget, explanation) is also sent to the aggregator as a decline,
+    so the round aborts at once instead of keeping the other sites waiting.
     """
     if site_id not in request.site_ids:
         raise ConfigurationError(f"site {site_id!r} is not among the round's sites")
@@ -118,56 +122,92 @@ def contribute_explanation(
         label=f"{request.kind} {request.round_id}",
         created_at=now,
     )
-    ledger.check(event)  # refuse before doing any work
-    keys = generate_keypair()
     with connect(request.aggregator) as client:
-        client.advertise(
-            KeyAdvertisement(
-                round_id=request.round_id, site_id=site_id, public_key=keys.public_bytes
+        try:
+            ledger.check(event)  # refuse before doing any work
+            contribution, cost, std, status = _contribute(
+                request,
+                site_id,
+                kind,
+                z,
+                event,
+                model,
+                features,
+                labels,
+                ledger,
+                store,
+                rng,
+                client,
             )
-        )
-        contribution = kind.contribute(model, features, labels, request.params, request.clip_bound)
-        peers = client.wait_for_peers(
-            request.round_id,
-            site_id,
-            expected=request.site_ids,
-            own_key=keys.public_bytes,
-            timeout_s=request.timeout_s,
-        )
-        epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
-        std = z * l2_sensitivity(request.clip_bound)
-        noised = contribution.vector + rng.normal(contribution.vector.size, std)
-        # Clamping to the range the round's encoding reserves for one site is
-        # post-processing of a DP value; it rules out wrap-around in the sum.
-        codec = FixedPointCodec(bits=request.bits, scale=request.scale)
-        limit = per_site_limit(codec, len(request.site_ids))
-        encoded = codec.encode(np.clip(noised, -limit, limit), rng)
-        cost = PrivacyCost(
-            site_id=site_id,
-            epsilon=request.epsilon,
-            delta=request.delta,
-            epsilon_total=epsilon_total,
-        )
-        masked = mask_vector(encoded, keys, site_id, peers, request.round_id, request.bits)
-        status = client.submit(
-            MaskedSubmission(
-                round_id=request.round_id,
-                site_id=site_id,
-                values=masked,
-                cost=cost,
-                noise_std=std,
-            )
-        )
+        except FedlensError as exc:
+            if not isinstance(exc, ProtocolError):
+                # Tell the aggregator, so the other sites stop waiting for this one.
+                with contextlib.suppress(FedlensError):
+                    client.decline(request.round_id, site_id, f"{type(exc).__name__}: {exc}")
+            raise
     logger.info(
         "site %s contributed to round %s (noise std %.3g, ε total %.3f)",
         site_id,
         request.round_id,
         std,
-        epsilon_total,
+        cost.epsilon_total,
     )
     return ExplainOutcome(
         site_id=site_id, records=contribution.count, noise_std=std, cost=cost, status=status
     )
+
+
+def _contribute(
+    request: ExplainRequest,
+    site_id: str,
+    kind: ExplanationKind,
+    z: float,
+    event: LedgerEvent,
+    model: nn.Module,
+    features: np.ndarray,
+    labels: np.ndarray,
+    ledger: PrivacyLedger,
+    store: LedgerStore,
+    rng: NoiseSource,
+    client: AggregationClient,
+) -> tuple[Contribution, PrivacyCost, float, RoundStatus]:
+    keys = generate_keypair()
+    client.advertise(
+        KeyAdvertisement(round_id=request.round_id, site_id=site_id, public_key=keys.public_bytes)
+    )
+    contribution = kind.contribute(model, features, labels, request.params, request.clip_bound)
+    peers = client.wait_for_peers(
+        request.round_id,
+        site_id,
+        expected=request.site_ids,
+        own_key=keys.public_bytes,
+        timeout_s=request.timeout_s,
+    )
+    epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
+    std = z * l2_sensitivity(request.clip_bound)
+    noised = contribution.vector + rng.normal(contribution.vector.size, std)
+    # Clamping to the range the round's encoding reserves for one site is
+    # post-processing of a DP value; it rules out wrap-around in the sum.
+    codec = FixedPointCodec(bits=request.bits, scale=request.scale)
+    limit = per_site_limit(codec, len(request.site_ids))
+    encoded = codec.encode(np.clip(noised, -limit, limit), rng)
+    cost = PrivacyCost(
+        site_id=site_id,
+        epsilon=request.epsilon,
+        delta=request.delta,
+        epsilon_total=epsilon_total,
+    )
+    masked = mask_vector(encoded, keys, site_id, peers, request.round_id, request.bits)
+    status = client.submit(
+        MaskedSubmission(
+            round_id=request.round_id,
+            site_id=site_id,
+            values=masked,
+            cost=cost,
+            noise_std=std,
+        )
+    )
+    return contribution, cost, std, status
 
 
 def per_site_limit(codec: FixedPointCodec, num_sites: int) -> float:

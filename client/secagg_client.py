@@ -135,3 +135,11 @@ class AggregationClient:
     def submit(self, sub: MaskedSubmission) -> RoundStatus:
         reply = self._call(self._stub.SubmitMasked, wire.masked_submission_to_proto(sub))
         return wire.round_status_from_proto(reply.status)
+
+    def decline(self, round_id: str, site_id: str, reason: str) -> RoundStatus:
+        """Tell the aggregator this site will not contribute; the round aborts."""
+        request = aggregation_pb2.DeclineRoundRequest(
+            round_id=round_id, site_id=site_id, reason=reason
+        )
+        reply = self._call(self._stub.DeclineRound, request)
+        return wire.round_status_from_proto(reply.status)

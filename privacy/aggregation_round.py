@@ -171,6 +171,14 @@ class AggregationRound:
         self._costs.append(sub.cost)
         return self.status(now)
 
+    def decline(self, site_id: str, reason: str, *, now: float) -> RoundStatus:
+        """A member site will not contribute: abort now, revealing nothing."""
+        self._check_deadline(now)
+        self._require_member(site_id)
+        if not self._phase.finished:
+            self.abort(f"site {site_id} declined: {reason[:500] or 'no reason given'}")
+        return self.status(now)
+
     @property
     def ready(self) -> bool:
         """Every expected site has submitted; :meth:`result` may be called."""

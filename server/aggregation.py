@@ -124,6 +124,12 @@ class Aggregator:
 
         return self._apply(sub.round_id, sub.site_id, "submit_masked", step)
 
+    def decline(self, round_id: str, site_id: str, reason: str) -> RoundStatus:
+        def step(state: AggregationRound) -> RoundStatus:
+            return state.decline(site_id, reason, now=self._clock())
+
+        return self._apply(round_id, site_id, "decline_round", step)
+
     def status(self, round_id: str) -> RoundStatus:
         def step(state: AggregationRound) -> RoundStatus:
             return state.status(self._clock())

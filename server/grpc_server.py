@@ -64,6 +64,12 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
     ) -> aggregation_pb2.RoundStatus:
         return wire.round_status_to_proto(self._agg.status(request.round_id))
 
+    def DeclineRound(  # noqa: N802
+        self, request: aggregation_pb2.DeclineRoundRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.DeclineRoundResponse:
+        status = self._agg.decline(request.round_id, request.site_id, request.reason)
+        return aggregation_pb2.DeclineRoundResponse(status=wire.round_status_to_proto(status))
+
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
     def __init__(self, handler: QueryHandler) -> None:

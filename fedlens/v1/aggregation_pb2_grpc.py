@@ -62,6 +62,11 @@ class AggregationStub:
                 request_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetRoundStatusRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.DeclineRound = channel.unary_unary(
+                '/fedlens.v1.Aggregation/DeclineRound',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundResponse.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -100,6 +105,14 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineRound(self, request, context):
+        """A site that will not contribute (its budget is spent, its data cannot be explained)
+        says so; the round aborts at once, revealing nothing, instead of at its deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.GetRoundStatus,
                     request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetRoundStatusRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_aggregation__pb2.RoundStatus.SerializeToString,
+            ),
+            'DeclineRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineRound,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +285,33 @@ class Aggregation:
             '/fedlens.v1.Aggregation/GetRoundStatus',
             fedlens_dot_v1_dot_aggregation__pb2.GetRoundStatusRequest.SerializeToString,
             fedlens_dot_v1_dot_aggregation__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/DeclineRound',
+            fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,10 @@ class AggregationStub:
     GetPeerKeys: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetPeerKeysRequest, _aggregation_pb2.GetPeerKeysResponse]
     SubmitMasked: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.SubmitMaskedRequest, _aggregation_pb2.SubmitMaskedResponse]
     GetRoundStatus: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetRoundStatusRequest, _aggregation_pb2.RoundStatus]
+    DeclineRound: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.DeclineRoundRequest, _aggregation_pb2.DeclineRoundResponse]
+    """A site that will not contribute (its budget is spent, its data cannot be explained)
+    says so; the round aborts at once, revealing nothing, instead of at its deadline.
+    """
 
 @_typing.type_check_only
 class AggregationAsyncStub(AggregationStub):
@@ -55,6 +59,10 @@ class AggregationAsyncStub(AggregationStub):
     GetPeerKeys: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetPeerKeysRequest, _aggregation_pb2.GetPeerKeysResponse]  # type: ignore[assignment]
     SubmitMasked: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.SubmitMaskedRequest, _aggregation_pb2.SubmitMaskedResponse]  # type: ignore[assignment]
     GetRoundStatus: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetRoundStatusRequest, _aggregation_pb2.RoundStatus]  # type: ignore[assignment]
+    DeclineRound: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.DeclineRoundRequest, _aggregation_pb2.DeclineRoundResponse]  # type: ignore[assignment]
+    """A site that will not contribute (its budget is spent, its data cannot be explained)
+    says so; the round aborts at once, revealing nothing, instead of at its deadline.
+    """
 
 class AggregationServicer(metaclass=_abc_1.ABCMeta):
     """Secure aggregation of site contributions. The coordinator opens a round; every site
@@ -96,5 +104,15 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
         request: _aggregation_pb2.GetRoundStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_aggregation_pb2.RoundStatus, _abc.Awaitable[_aggregation_pb2.RoundStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def DeclineRound(
+        self,
+        request: _aggregation_pb2.DeclineRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.DeclineRoundResponse, _abc.Awaitable[_aggregation_pb2.DeclineRoundResponse]]:
+        """A site that will not contribute (its budget is spent, its data cannot be explained)
+        says so; the round aborts at once, revealing nothing, instead of at its deadline.
+        """
 
 def add_AggregationServicer_to_server(servicer: AggregationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

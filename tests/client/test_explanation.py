@@ -33,8 +33,10 @@ def request(epsilon: float) -> ExplainRequest:
     )
 
 
-def never_connect(address: str) -> AggregationClient:
-    raise AssertionError("a refused request must not reach the aggregator")
+def unreachable(address: str) -> AggregationClient:
+    # A port nothing listens on: the site's decline cannot be delivered, and must not
+    # hide the refusal itself.
+    return AggregationClient("127.0.0.1:1", call_timeout_s=2.0)
 
 
 def test_release_past_the_budget_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -51,7 +53,7 @@ def test_release_past_the_budget_is_refused_before_any_work(tmp_path: Path) -> N
             store=store,
             rng=SeededRandom(0),
             now=NOW,
-            connect=never_connect,
+            connect=unreachable,
         )
     assert store.history() == []
     assert ledger.epsilon_spent() == 0.0
@@ -70,7 +72,7 @@ def test_a_site_outside_the_round_is_refused(tmp_path: Path) -> None:
             store=store,
             rng=SeededRandom(0),
             now=NOW,
-            connect=never_connect,
+            connect=unreachable,
         )
 
 

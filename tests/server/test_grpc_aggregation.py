@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -335,3 +337,67 @@ def test_a_round_that_cannot_be_finished_aborts_and_releases_nothing(
     assert status.phase is RoundPhase.ABORTED
     assert "disk full" in status.reason
     assert coordinator.store.round_phase("r5")[0] == "aborted"
+
+
+def test_a_site_over_budget_declines_and_the_others_stop_waiting(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from client.explanation import ExplainRequest, contribute_explanation
+    from client.ledger_store import LedgerStore
+    from fedlens.errors import BudgetExceededError, StaleRoundError
+    from fedlens.models import build_model
+
+    sites = ("site-0", "site-1")
+    s = RoundSpec(
+        **{**spec(round_id="r6", sites=sites).__dict__, "phase_timeout_s": 60.0, "params": {}}
+    )
+    open_round(coordinator, s)
+    waiting: list[object] = []
+
+    def other_site() -> None:
+        keys = generate_keypair()
+        with AggregationClient(coordinator.running.address) as client:
+            client.advertise(KeyAdvertisement("r6", "site-1", keys.public_bytes))
+            started = time.monotonic()
+            try:
+                client.wait_for_peers(
+                    "r6", "site-1", expected=sites, own_key=keys.public_bytes, timeout_s=60.0
+                )
+            except StaleRoundError as exc:
+                waiting.append((exc, time.monotonic() - started))
+
+    thread = threading.Thread(target=other_site)
+    thread.start()
+    store = LedgerStore(tmp_path / "ledger.sqlite")
+    request = ExplainRequest(
+        round_id="r6",
+        kind="global_attribution",
+        site_ids=sites,
+        aggregator=coordinator.running.address,
+        epsilon=5.0,
+        delta=1e-6,
+        clip_bound=CLIP,
+        bits=s.bits,
+        scale=s.scale,
+        timeout_s=60.0,
+    )
+    with pytest.raises(BudgetExceededError):
+        contribute_explanation(
+            request,
+            site_id="site-0",
+            model=build_model("logistic", 3),
+            features=np.zeros((4, 3), dtype=np.float32),
+            labels=np.zeros(4, dtype=np.int64),
+            ledger=store.load(1.0, 1e-5),
+            store=store,
+            rng=SeededRandom(0),
+            now=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+    thread.join(30)
+    status = coordinator.aggregator.status("r6")
+    assert status.phase is RoundPhase.ABORTED
+    assert "site-0 declined: BudgetExceededError" in status.reason
+    assert len(waiting) == 1 and waiting[0][1] < 10  # type: ignore[index]
+    assert store.history() == []

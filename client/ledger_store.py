@@ -6,12 +6,17 @@ written by a newer schema, or whose budget differs from the one asked for is ref
 an error and left untouched. Events are only inserted (triggers reject updates and
 deletes), each in its own transaction.
 
-Schema (version 1)::
+Schema (version 2)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)          format, schema_version, budget_epsilon, delta
     events(id INTEGER PRIMARY KEY AUTOINCREMENT,
            kind, noise_multiplier, sampling_rate, steps, label,
            created_at TEXT (ISO 8601), epsilon_after REAL)
+
+Version 1 allowed only the kinds ``dpsgd`` and ``gaussian``; a version 1 file is upgraded
+in place, in one transaction, the first time it is opened for writing: every event is
+copied with its id, the copy is counted against the original, and only then does the
+new table replace the old one.
 """
 
 from __future__ import annotations
@@ -27,33 +32,34 @@ from privacy import LedgerEvent, PrivacyLedger
 
 __all__ = ["SCHEMA_VERSION", "LedgerStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _FORMAT = "fedlens-privacy-ledger"
 
-_SCHEMA = """
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
+_META_TABLE = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+_EVENTS_TABLE = """
 CREATE TABLE events (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind             TEXT    NOT NULL CHECK (kind IN ('dpsgd', 'gaussian')),
+    kind             TEXT    NOT NULL CHECK (kind IN ('dpsgd', 'gaussian', 'discrete_gaussian')),
     noise_multiplier REAL    NOT NULL,
     sampling_rate    REAL    NOT NULL,
     steps            INTEGER NOT NULL,
     label            TEXT    NOT NULL,
     created_at       TEXT    NOT NULL,
     epsilon_after    REAL    NOT NULL
-);
-CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-BEGIN SELECT RAISE(ABORT, 'ledger events are append-only'); END;
-CREATE TRIGGER events_no_delete BEFORE DELETE ON events
-BEGIN SELECT RAISE(ABORT, 'ledger events are append-only'); END;
-CREATE TRIGGER meta_no_update BEFORE UPDATE ON meta
-BEGIN SELECT RAISE(ABORT, 'ledger metadata is fixed'); END;
-CREATE TRIGGER meta_no_delete BEFORE DELETE ON meta
-BEGIN SELECT RAISE(ABORT, 'ledger metadata is fixed'); END;
+)
 """
+_TRIGGERS = {
+    "events_no_update": "BEFORE UPDATE ON events "
+    "BEGIN SELECT RAISE(ABORT, 'ledger events are append-only'); END",
+    "events_no_delete": "BEFORE DELETE ON events "
+    "BEGIN SELECT RAISE(ABORT, 'ledger events are append-only'); END",
+    "meta_no_update": "BEFORE UPDATE ON meta "
+    "BEGIN SELECT RAISE(ABORT, 'ledger metadata is fixed'); END",
+    "meta_no_delete": "BEFORE DELETE ON meta "
+    "BEGIN SELECT RAISE(ABORT, 'ledger metadata is fixed'); END",
+}
+_TRIGGER_STATEMENTS = tuple(f"CREATE TRIGGER {name} {body}" for name, body in _TRIGGERS.items())
+_SCHEMA = (_META_TABLE, _EVENTS_TABLE, *_TRIGGER_STATEMENTS)
 
 _EVENT_COLUMNS = (
     "id, kind, noise_multiplier, sampling_rate, steps, label, created_at, epsilon_after"
@@ -218,9 +224,8 @@ class LedgerStore:
             with closing(conn), _transaction(conn, self.path):
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     return  # another process created it meanwhile; load() checks it
-                for statement in _SCHEMA.split(";\n"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _SCHEMA:
+                    conn.execute(statement)
                 conn.executemany(
                     "INSERT INTO meta (key, value) VALUES (?, ?)",
                     [
@@ -274,7 +279,39 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, float]:
         )
     if version < 1:
         raise StorageError(f"ledger {path} has an invalid schema version {version}")
+    if version < SCHEMA_VERSION:
+        _upgrade_from_v1(conn, path)
     return {"budget_epsilon": budget, "delta": delta}
+
+
+def _upgrade_from_v1(conn: sqlite3.Connection, path: Path) -> None:
+    """Rewrite a version 1 file's events table with the version 2 kinds, losing nothing."""
+    try:
+        with _transaction(conn, path):
+            before = conn.execute("SELECT count(*), coalesce(max(id), 0) FROM events").fetchone()
+            for trigger in _TRIGGERS:
+                conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+            conn.execute("ALTER TABLE events RENAME TO events_v1")
+            conn.execute(_EVENTS_TABLE)
+            conn.execute(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM events_v1"
+            )
+            after = conn.execute("SELECT count(*), coalesce(max(id), 0) FROM events").fetchone()
+            if tuple(after) != tuple(before):
+                raise StorageError(
+                    f"upgrading ledger {path} copied {after[0]} of {before[0]} events; "
+                    "the file is left as it was"
+                )
+            conn.execute("DROP TABLE events_v1")
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+            for statement in _TRIGGER_STATEMENTS:
+                conn.execute(statement)
+    except sqlite3.Error as exc:
+        raise StorageError(
+            f"cannot upgrade ledger {path} to schema {SCHEMA_VERSION}: {exc}"
+        ) from exc
 
 
 def _select_events(conn: sqlite3.Connection, path: Path) -> list[tuple[object, ...]]:

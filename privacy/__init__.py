@@ -5,12 +5,17 @@ Public names are re-exported here; the modules behind them are:
 ``randomness``   noise sources (CSPRNG for production, seeded for tests)
 ``clipping``     per-record L2 clipping
 ``gaussian``     Gaussian mechanism and DP-SGD calibration and accounting (dp_accounting)
+``discrete``     discrete Gaussian mechanism accounting and calibration (RDP)
 ``ledger``       a site's privacy ledger and budget check
 ``fixedpoint``   fixed-point encoding modulo ``2**bits`` with stochastic rounding
 ``masking``      pairwise additive masks of secure aggregation (X25519, HKDF, ChaCha20)
 """
 
 from privacy.clipping import clip_rows
+from privacy.discrete import (
+    discrete_gaussian_noise_multiplier,
+    epsilon_of_discrete_gaussian,
+)
 from privacy.fixedpoint import MAX_BITS, FixedPointCodec
 from privacy.gaussian import (
     PLD_VALUE_DISCRETIZATION,
@@ -20,7 +25,7 @@ from privacy.gaussian import (
     epsilon_of_gaussian,
     gaussian_noise_multiplier,
 )
-from privacy.ledger import EventKind, LedgerEvent, PrivacyLedger
+from privacy.ledger import EVENT_KINDS, EventKind, LedgerEvent, PrivacyLedger
 from privacy.masking import (
     PUBLIC_KEY_BYTES,
     KeyPair,
@@ -31,6 +36,7 @@ from privacy.masking import (
 from privacy.randomness import NoiseSource, SecureRandom, SeededRandom
 
 __all__ = [
+    "EVENT_KINDS",
     "MAX_BITS",
     "PLD_VALUE_DISCRETIZATION",
     "PUBLIC_KEY_BYTES",
@@ -44,7 +50,9 @@ __all__ = [
     "SecureRandom",
     "SeededRandom",
     "clip_rows",
+    "discrete_gaussian_noise_multiplier",
     "dpsgd_noise_multiplier",
+    "epsilon_of_discrete_gaussian",
     "epsilon_of_dpsgd",
     "epsilon_of_gaussian",
     "gaussian_noise_multiplier",

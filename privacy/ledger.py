@@ -7,9 +7,13 @@ Guarantee: :meth:`PrivacyLedger.record` appends an event only if the composition
 recorded event and the new one is (ε, δ)-DP with ε at most the site's budget, for the
 ledger's δ and add-or-remove-one neighbours. Composition is computed with privacy loss
 distributions (``dp_accounting``'s PLD accountant with pessimistic discretisation, see
-:mod:`privacy.gaussian`), which compose heterogeneous mechanisms tightly; ε is therefore
-not additive across events, and :meth:`PrivacyLedger.remaining` is only the difference
-of budget and spent ε, a figure for display.
+:mod:`privacy.gaussian`), which compose heterogeneous mechanisms tightly, as long as
+every event is one PLD covers (DP-SGD steps and Gaussian releases). Once a discrete
+Gaussian release is recorded (:mod:`privacy.discrete`), which PLD does not cover, the
+ledger composes *all* its events in Rényi DP instead (``dp_accounting``'s RDP accountant),
+which is looser but covers every kind; :attr:`PrivacyLedger.accountant` says which one is
+in use. Either way ε is not additive across events, and :meth:`PrivacyLedger.remaining` is
+only the difference of budget and spent ε, a figure for display.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from numbers import Integral, Real
 from typing import Any, Literal
 
 from fedlens.errors import BudgetExceededError, ConfigurationError
-from privacy.gaussian import dpsgd_event, gaussian_event, new_accountant
+from privacy.discrete import discrete_gaussian_event
+from privacy.gaussian import AccountantName, dpsgd_event, gaussian_event, new_accountant
 
-__all__ = ["EventKind", "LedgerEvent", "PrivacyLedger"]
+__all__ = ["EVENT_KINDS", "EventKind", "LedgerEvent", "PrivacyLedger"]
 
-EventKind = Literal["dpsgd", "gaussian"]
-_KINDS: tuple[EventKind, ...] = ("dpsgd", "gaussian")
+EventKind = Literal["dpsgd", "gaussian", "discrete_gaussian"]
+EVENT_KINDS: tuple[EventKind, ...] = ("dpsgd", "gaussian", "discrete_gaussian")
+# Kinds the PLD accountant composes; any other kind moves the whole ledger to RDP.
+_PLD_KINDS = frozenset({"dpsgd", "gaussian"})
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,10 @@ class LedgerEvent:
     Attributes
     ----------
     kind
-        ``"dpsgd"`` (``steps`` Poisson-subsampled Gaussian steps) or ``"gaussian"`` (one
-        Gaussian mechanism; ``sampling_rate`` and ``steps`` must stay 1).
+        ``"dpsgd"`` (``steps`` Poisson-subsampled Gaussian steps), ``"gaussian"`` (one
+        Gaussian mechanism; ``sampling_rate`` and ``steps`` must stay 1) or
+        ``"discrete_gaussian"`` (``steps`` discrete Gaussian releases, ``sampling_rate``
+        1; accounted in RDP, see :mod:`privacy.discrete`).
     noise_multiplier
         Noise std divided by the L2 sensitivity, finite and > 0.
     sampling_rate
@@ -61,8 +70,10 @@ class LedgerEvent:
     created_at: datetime = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ConfigurationError(f"kind must be 'dpsgd' or 'gaussian', got {self.kind!r}")
+        if self.kind not in EVENT_KINDS:
+            raise ConfigurationError(
+                f"kind must be one of {', '.join(EVENT_KINDS)}, got {self.kind!r}"
+            )
         z = self.noise_multiplier
         if isinstance(z, bool) or not isinstance(z, Real) or not math.isfinite(z) or z <= 0:
             raise ConfigurationError(f"noise_multiplier must be finite and > 0, got {z!r}")
@@ -78,6 +89,8 @@ class LedgerEvent:
         object.__setattr__(self, "steps", int(steps))
         if self.kind == "gaussian" and (q != 1 or steps != 1):
             raise ConfigurationError("a 'gaussian' event has sampling_rate 1 and steps 1")
+        if self.kind == "discrete_gaussian" and q != 1:
+            raise ConfigurationError("a 'discrete_gaussian' event has sampling_rate 1")
         if not isinstance(self.label, str):
             raise ConfigurationError(f"label must be a string, got {self.label!r}")
         if not isinstance(self.created_at, datetime):
@@ -87,6 +100,8 @@ class LedgerEvent:
         """The event in ``dp_accounting``'s vocabulary."""
         if self.kind == "gaussian":
             return gaussian_event(self.noise_multiplier)
+        if self.kind == "discrete_gaussian":
+            return discrete_gaussian_event(self.noise_multiplier, self.steps)
         return dpsgd_event(self.noise_multiplier, self.sampling_rate, self.steps)
 
     def to_dict(self) -> dict[str, str | float | int]:
@@ -156,6 +171,7 @@ class PrivacyLedger:
         self._budget = float(budget_epsilon)
         self._delta = float(delta)
         self._events: list[LedgerEvent] = []
+        self._accountant_name: AccountantName = "pld"
         self._accountant: Any = new_accountant("pld")
         self._spent = 0.0
         self._pending: tuple[LedgerEvent, Any, float] | None = None
@@ -175,6 +191,11 @@ class PrivacyLedger:
     @property
     def delta(self) -> float:
         return self._delta
+
+    @property
+    def accountant(self) -> AccountantName:
+        """``"pld"`` while every event is one PLD covers, ``"rdp"`` after any other."""
+        return self._accountant_name
 
     @property
     def events(self) -> tuple[LedgerEvent, ...]:
@@ -231,12 +252,21 @@ class PrivacyLedger:
         pending = self._pending
         if pending is not None and pending[0] == event:
             return pending[1], pending[2]
-        accountant = _extend(self._accountant, event)
+        if self._accountant_name == "pld" and event.kind not in _PLD_KINDS:
+            # Recompose everything in RDP: one accountant covers the whole history.
+            accountant = new_accountant("rdp")
+            for earlier in self._events:
+                accountant.compose(earlier.dp_event())
+            accountant.compose(event.dp_event())
+        else:
+            accountant = _extend(self._accountant, event)
         epsilon = float(accountant.get_epsilon(self._delta))
         self._pending = (event, accountant, epsilon)
         return accountant, epsilon
 
     def _append(self, event: LedgerEvent, accountant: Any, epsilon: float) -> None:
+        if event.kind not in _PLD_KINDS:
+            self._accountant_name = "rdp"
         self._events.append(event)
         self._accountant = accountant
         self._spent = epsilon

@@ -180,3 +180,62 @@ def test_append_validates_its_arguments(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="LedgerEvent"):
         store.append(release().to_dict(), 0.1)  # type: ignore[arg-type]
     assert store.history() == []
+
+
+_V1_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL CHECK "
+    "(kind IN ('dpsgd', 'gaussian')), noise_multiplier REAL NOT NULL, sampling_rate REAL NOT "
+    "NULL, steps INTEGER NOT NULL, label TEXT NOT NULL, created_at TEXT NOT NULL, "
+    "epsilon_after REAL NOT NULL)",
+    "CREATE TRIGGER events_no_delete BEFORE DELETE ON events "
+    "BEGIN SELECT RAISE(ABORT, 'ledger events are append-only'); END",
+)
+
+
+def test_a_version_1_ledger_is_upgraded_in_place_losing_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with closing(sqlite3.connect(path)) as conn, conn:
+        for statement in _V1_SCHEMA:
+            conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [
+                ("format", "fedlens-privacy-ledger"),
+                ("schema_version", "1"),
+                ("budget_epsilon", repr(BUDGET)),
+                ("delta", repr(DELTA)),
+            ],
+        )
+        # Ids with a gap, as a v1 file may have after a rolled-back insert.
+        for row_id, event in ((1, training()), (3, release())):
+            conn.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row_id,
+                    event.kind,
+                    event.noise_multiplier,
+                    event.sampling_rate,
+                    event.steps,
+                    event.label,
+                    event.created_at.isoformat(),
+                    1.0,
+                ),
+            )
+    store = LedgerStore(path)
+    ledger = store.load(BUDGET, DELTA)
+    assert ledger.events == (training(), release())
+    discrete = LedgerEvent(kind="discrete_gaussian", noise_multiplier=6.0, created_at=NOW)
+    store.spend(discrete, BUDGET, DELTA)
+    history = store.history()
+    assert [row["id"] for row in history] == [1, 3, 4]
+    assert [row["kind"] for row in history] == ["dpsgd", "gaussian", "discrete_gaussian"]
+    with closing(sqlite3.connect(path)) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert version == (str(SCHEMA_VERSION),)
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("DELETE FROM events")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE events SET steps = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="fixed"):
+            conn.execute("UPDATE meta SET value = '99' WHERE key = 'budget_epsilon'")

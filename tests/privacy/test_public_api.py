@@ -8,6 +8,9 @@ from pathlib import Path
 import privacy
 
 EXPECTED = {
+    "EVENT_KINDS",
+    "discrete_gaussian_noise_multiplier",
+    "epsilon_of_discrete_gaussian",
     "MAX_BITS",
     "PLD_VALUE_DISCRETIZATION",
     "PUBLIC_KEY_BYTES",

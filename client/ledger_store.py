@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from fedlens.errors import ConfigurationError, StorageError
+from fedlens.errors import ConfigurationError, NotFoundError, StorageError
 from privacy import LedgerEvent, PrivacyLedger
 
 __all__ = ["SCHEMA_VERSION", "LedgerStore"]
@@ -119,6 +119,24 @@ class LedgerStore:
             rows = _select_events(conn, self.path)
         events = [_event_from_row(row, self.path) for row in rows]
         return PrivacyLedger(stored_budget, stored_delta, events)
+
+    def read(self) -> PrivacyLedger:
+        """The stored ledger with its own budget and δ; never creates a file.
+
+        Raises
+        ------
+        NotFoundError
+            There is no ledger file at :attr:`path`.
+        StorageError
+            As :meth:`load`.
+        """
+        if not self.path.exists():
+            raise NotFoundError(f"no privacy ledger at {self.path}")
+        with closing(self._connect()) as conn:
+            meta = _read_meta(conn, self.path)
+            rows = _select_events(conn, self.path)
+        events = [_event_from_row(row, self.path) for row in rows]
+        return PrivacyLedger(meta["budget_epsilon"], meta["delta"], events)
 
     def append(self, event: LedgerEvent, epsilon_after: float) -> None:
         """Store ``event`` and the ε the site reached with it, in one transaction.

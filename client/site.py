@@ -21,9 +21,11 @@ from client.ledger_store import LedgerStore
 from client.site_config import SiteConfig
 from client.training import planned_steps, train_dp
 from fedlens.datasets import SiteData, load_dataset
+from fedlens.errors import BudgetExceededError
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
 from privacy import LedgerEvent, NoiseSource, PrivacyLedger, SecureRandom, dpsgd_noise_multiplier
+from privacy.planning import BudgetPlan, PlanRequest, check_plan
 
 __all__ = ["Site", "TrainOutcome"]
 
@@ -94,10 +96,59 @@ class Site:
             tmp.replace(path)
         return cache[key]
 
+    def plan(self, records: int) -> BudgetPlan:
+        """The whole run's plan at this site, checked against the site's budget alone.
+
+        Raises
+        ------
+        ConfigurationError
+            A setting is out of range for this site (δ must be below 1/records), or the
+            run's training and releases compose to more than the site's budget.
+        """
+        run = self.run
+        request = PlanRequest(
+            budget_epsilon=self.config.epsilon,
+            delta=self.config.delta,
+            records=records,
+            batch_size=run.batch_size,
+            rounds=run.rounds,
+            local_epochs=run.local_epochs,
+            releases=run.releases,
+        )
+        return check_plan(request, run.train_epsilon, run.explain_epsilon, run.explain_delta)
+
+    def check_run_fits(self, records: int, *, now: datetime) -> BudgetPlan:
+        """Refuse the run before any work unless all of it fits what the site has left.
+
+        Raises
+        ------
+        ConfigurationError
+            As :meth:`plan`.
+        BudgetExceededError
+            The run fits an empty ledger but not the events already recorded.
+        """
+        plan = self.plan(records)
+        _, ledger = self.ledger()
+        after = ledger.epsilon_with_all(plan.events(now))
+        if after > ledger.budget_epsilon:
+            raise BudgetExceededError(
+                f"site {self.name}: budget ε = {ledger.budget_epsilon:g} at δ = "
+                f"{ledger.delta:g}, spent ε = {ledger.epsilon_spent():.4g}; this run "
+                f"({self.run.rounds} training rounds and {self.run.releases} release(s)) "
+                f"would bring it to ε = {after:.4g}. Nothing was spent"
+            )
+        return plan
+
     def train(self, state: StateDict, server_round: int, *, now: datetime) -> TrainOutcome:
-        """One FedAvg round of DP-SGD; refused before training if the budget cannot pay."""
+        """One FedAvg round of DP-SGD; refused before training if the budget cannot pay.
+
+        In the first round the whole run is checked first (:meth:`check_run_fits`), so a
+        run the site cannot finish is refused before it spends anything.
+        """
         run = self.run
         data = self.data()
+        if server_round == 1:
+            self.check_run_fits(len(data.labels), now=now)
         q, steps = planned_steps(len(data.labels), run.batch_size, run.local_epochs)
         # Noise for the whole planned training, so that every round's spend is the same.
         z = self.training_noise(q, steps * run.rounds)

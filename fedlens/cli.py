@@ -6,6 +6,8 @@
     fedlens server                  run the coordinator's gRPC services
     fedlens query releases          list releases (through the Query service)
     fedlens query show ID           one release, its top features and privacy costs
+    fedlens plan                    split a site budget between training and releases
+    fedlens client budget           a site's ledger: budget, spend history, what is left
 
 Only this module configures logging, and it imports the ``server`` and ``client``
 layers lazily, inside the commands that need them.
@@ -28,6 +30,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from fedlens.cli_privacy import add_privacy_commands
 from fedlens.errors import FedlensError
 from fedlens.runconfig import validation_message
 from fedlens.settings import Settings
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("release_id")
     show.add_argument("--top", type=int, default=10, help="features to show")
     query.set_defaults(func=_cmd_query)
+    add_privacy_commands(sub)
     return parser
 
 

@@ -43,6 +43,11 @@ class RunConfig(BaseModel):
     phase_timeout_s: float = Field(90.0, gt=0, alias="phase-timeout")
     out_dir: str = Field("", alias="out-dir")
 
+    @property
+    def releases(self) -> int:
+        """Explanation releases per run: the ServerApp runs one explanation round."""
+        return 1
+
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:
         try:

@@ -214,6 +214,28 @@ class PrivacyLedger:
         """ε at the ledger's δ if ``event`` were recorded too; records nothing."""
         return self._compose(event)[1]
 
+    def epsilon_with_all(self, events: Sequence[LedgerEvent]) -> float:
+        """ε at the ledger's δ if ``events`` were recorded too, in order; records nothing.
+
+        Composes exactly as recording them one by one would, so the result is the ε the
+        ledger would reach.
+        """
+        events = list(events)
+        for event in events:
+            if not isinstance(event, LedgerEvent):
+                raise ConfigurationError(f"expected a LedgerEvent, got {type(event).__name__}")
+        if not events:
+            return self._spent
+        if self._accountant_name == "pld" and any(e.kind not in _PLD_KINDS for e in events):
+            accountant = new_accountant("rdp")
+            for earlier in self._events:
+                accountant.compose(earlier.dp_event())
+        else:
+            accountant = copy.deepcopy(self._accountant)
+        for event in events:
+            accountant.compose(event.dp_event())
+        return float(accountant.get_epsilon(self._delta))
+
     def check(self, event: LedgerEvent) -> float:
         """The ε that recording ``event`` would bring the site to, if it fits the budget.
 

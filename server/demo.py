@@ -9,6 +9,7 @@ aggregation; the release is read back through the ``Query`` service.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from typing import Literal
 
 from rich.console import Console
 
-from fedlens.datasets import available_datasets
+from fedlens.datasets import available_datasets, load_dataset
 from fedlens.errors import ConfigurationError, FedlensError
 from fedlens.query_client import QueryClient
 from fedlens.runconfig import RunConfig
 from fedlens.types import Release
+from privacy.planning import PlanRequest, plan_budget
 from server.aggregation import Aggregator, QueryHandler
 from server.deployment import LocalFederation, SiteSpec
 from server.grpc_server import serve
@@ -69,6 +71,42 @@ class DemoReport:
     seconds: float
 
 
+def split_budget(options: DemoOptions) -> tuple[float, float]:
+    """``(train_epsilon, explain_epsilon)`` that use every site's budget, planned up front.
+
+    Training gets :data:`TRAINING_SHARE` of ε; the release gets what is left once the two
+    are composed (:func:`privacy.planning.plan_budget`), for the site that can afford the
+    least, rounded down so that every site's own check of the run passes.
+
+    Raises
+    ------
+    ConfigurationError
+        The budget cannot pay for the run at some site (the message names the setting).
+    """
+    run = RunConfig()
+    dataset = load_dataset(options.dataset, seed=options.seed)
+    release_epsilons = []
+    for i in range(options.sites):
+        records = len(
+            dataset.site(
+                i, options.sites, partition=run.partition, alpha=run.alpha, seed=options.seed
+            ).labels
+        )
+        request = PlanRequest(
+            budget_epsilon=options.epsilon,
+            delta=SITE_DELTA,
+            records=records,
+            batch_size=run.batch_size,
+            rounds=options.rounds,
+            local_epochs=run.local_epochs,
+            releases=run.releases,
+            training_share=TRAINING_SHARE,
+        )
+        release_epsilons.append(plan_budget(request).release_epsilon)
+    explain_epsilon = math.floor(min(release_epsilons) * 999) / 1000
+    return TRAINING_SHARE * options.epsilon, explain_epsilon
+
+
 def run_demo(options: DemoOptions, *, console: Console | None = None) -> DemoReport:
     """Run the demo federation and return what it released.
 
@@ -86,6 +124,7 @@ def run_demo(options: DemoOptions, *, console: Console | None = None) -> DemoRep
     database_url = f"sqlite:///{workdir / 'fedlens.db'}"
     store = Store(database_url)
     server = serve(Aggregator(store), QueryHandler(store))
+    train_epsilon, explain_epsilon = split_budget(options)
     sites = [
         SiteSpec(
             name=f"site-{i}",
@@ -108,8 +147,9 @@ def run_demo(options: DemoOptions, *, console: Console | None = None) -> DemoRep
         num_sites=options.sites,
         rounds=options.rounds,
         seed=options.seed,
-        train_epsilon=TRAINING_SHARE * options.epsilon,
-        explain_epsilon=(1 - TRAINING_SHARE) * options.epsilon,
+        train_epsilon=train_epsilon,
+        explain_epsilon=explain_epsilon,
+        explain_delta=SITE_DELTA,
         aggregator=server.address,
         out_dir=str(run_dir / "out"),
     )

@@ -16,6 +16,7 @@ from fedlens.datasets import load_dataset
 from fedlens.errors import BudgetExceededError, ConfigurationError
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
+from privacy import LedgerEvent
 
 RUN = RunConfig(dataset="breast_cancer", num_sites=2, rounds=2, train_epsilon=2.0)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -49,13 +50,46 @@ def test_training_spends_within_budget_and_records_it(tmp_path: Path) -> None:
     assert set(outcome.state) == {"linear.weight", "linear.bias"}
 
 
-def test_training_past_the_budget_is_refused_before_any_work(tmp_path: Path) -> None:
+def test_a_run_that_cannot_fit_the_budget_is_refused_before_any_work(tmp_path: Path) -> None:
     s = site(tmp_path, 1.5)
-    first = s.train(initial_state(), 1, now=NOW)  # type: ignore[arg-type]
-    assert first.epsilon_total < 1.5
-    with pytest.raises(BudgetExceededError, match="budget"):
+    with pytest.raises(ConfigurationError, match=r"plan does not fit the site budget ε = 1.5"):
+        s.train(initial_state(), 1, now=NOW)  # type: ignore[arg-type]
+    assert LedgerStore(tmp_path / "ledger.sqlite").history() == []
+
+
+def test_a_run_the_rest_of_the_budget_cannot_pay_is_refused_recording_nothing(
+    tmp_path: Path,
+) -> None:
+    s = site(tmp_path, 3.0)
+    for server_round in (1, 2):
+        s.train(initial_state(), server_round, now=NOW)  # type: ignore[arg-type]
+    before = LedgerStore(tmp_path / "ledger.sqlite").history()
+    assert len(before) == 2
+    # A second run fits an empty ledger but not this one: refused at its first round.
+    with pytest.raises(BudgetExceededError, match=r"this run .* would bring it to"):
+        s.train(initial_state(), 1, now=NOW)  # type: ignore[arg-type]
+    assert LedgerStore(tmp_path / "ledger.sqlite").history() == before
+
+
+def test_a_round_whose_event_no_longer_fits_is_refused_recording_nothing(tmp_path: Path) -> None:
+    s = site(tmp_path, 3.0)
+    s.train(initial_state(), 1, now=NOW)  # type: ignore[arg-type]
+    # Another process of the site spent most of what was left meanwhile.
+    store = LedgerStore(tmp_path / "ledger.sqlite")
+    store.spend(LedgerEvent(kind="gaussian", noise_multiplier=1.7, created_at=NOW), 3.0, 1e-5)
+    before = store.history()
+    with pytest.raises(BudgetExceededError, match="training round 2"):
         s.train(initial_state(), 2, now=NOW)  # type: ignore[arg-type]
-    assert len(LedgerStore(tmp_path / "ledger.sqlite").history()) == 1
+    assert store.history() == before
+
+
+def test_delta_must_be_below_one_over_the_records(tmp_path: Path) -> None:
+    config = SiteConfig.from_flower(
+        {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path), "delta": 8e-3}
+    )
+    with pytest.raises(ConfigurationError, match=r"delta must be in \(0, 1/records\)"):
+        Site(RUN, config).train(initial_state(), 1, now=NOW)  # type: ignore[arg-type]
+    assert LedgerStore(tmp_path / "ledger.sqlite").history() == []
 
 
 def test_bad_node_config_names_the_key(tmp_path: Path) -> None:

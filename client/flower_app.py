@@ -95,6 +95,8 @@ def train(msg: Message, context: Context) -> Message:
             # Every site weighs the same in FedAvg: a record count is not DP.
             "metrics": MetricRecord({"weight": 1, "epsilon-total": outcome.epsilon_total}),
             "site": ConfigRecord({"site-name": site.name}),
+            # The whole ledger, for the coordinator's mirror (it holds no record data).
+            "ledger": ConfigRecord({"json": json.dumps(site.ledger_snapshot().to_dict())}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -111,6 +113,7 @@ def explain(msg: Message, context: Context) -> Message:
                 {"epsilon-total": outcome.cost.epsilon_total, "noise-std": outcome.noise_std}
             ),
             "status": ConfigRecord({"site-name": site.name, "phase": outcome.status.phase.value}),
+            "ledger": ConfigRecord({"json": json.dumps(site.ledger_snapshot().to_dict())}),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -24,6 +24,7 @@ from fedlens.datasets import SiteData, load_dataset
 from fedlens.errors import BudgetExceededError
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
+from fedlens.types import SiteLedger
 from privacy import LedgerEvent, NoiseSource, PrivacyLedger, SecureRandom, dpsgd_noise_multiplier
 from privacy.planning import BudgetPlan, PlanRequest, check_plan
 
@@ -72,6 +73,20 @@ class Site:
     def ledger(self) -> tuple[LedgerStore, PrivacyLedger]:
         store = LedgerStore(self.config.ledger_path)
         return store, store.load(self.config.epsilon, self.config.delta)
+
+    def ledger_snapshot(self) -> SiteLedger:
+        """The site's whole ledger, as the coordinator mirrors it.
+
+        It holds budgets and mechanism parameters only; the DP-SGD sampling rate
+        ``batch_size / records`` does reveal the site's approximate record count.
+        """
+        ledger = LedgerStore(self.config.ledger_path).read()
+        return SiteLedger(
+            site_id=self.name,
+            budget_epsilon=ledger.budget_epsilon,
+            delta=ledger.delta,
+            events=ledger.events,
+        )
 
     def model(self, dimension: int, state: StateDict) -> nn.Module:
         model = build_model(self.run.model, dimension, seed=self.run.seed)

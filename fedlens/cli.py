@@ -6,6 +6,7 @@
     fedlens server                  run the coordinator's gRPC services
     fedlens query releases          list releases (through the Query service)
     fedlens query show ID           one release, its top features and privacy costs
+    fedlens query budgets           every site's budget and spend, as the coordinator mirrors it
     fedlens plan                    split a site budget between training and releases
     fedlens client budget           a site's ledger: budget, spend history, what is left
 
@@ -90,6 +91,25 @@ def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from fedlens.query_client import QueryClient
 
     with QueryClient(args.address or settings.aggregator_address) as client:
+        if args.query_command == "budgets":
+            ledgers = client.list_budgets(site_id=args.site)
+            if args.json:
+                print(json.dumps([ledger.to_dict() for ledger in ledgers], indent=2))
+                return 0
+            table = Table(title="site budgets (mirrored ledgers)")
+            for col in ("site", "budget ε", "δ", "spent ε", "events", "accountant"):
+                table.add_column(col, justify="left" if col == "site" else "right")
+            for ledger in ledgers:
+                table.add_row(
+                    ledger.site_id,
+                    f"{ledger.budget_epsilon:g}",
+                    f"{ledger.delta:.1e}",
+                    f"{ledger.epsilon_spent:.3f}",
+                    str(len(ledger.events)),
+                    ledger.accountant.upper(),
+                )
+            console.print(table)
+            return 0
         if args.query_command == "releases":
             summaries = client.list_releases(limit=args.limit, kind=args.kind)
             if args.json:
@@ -174,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = qsub.add_parser("show", parents=[common], help="show one release")
     show.add_argument("release_id")
     show.add_argument("--top", type=int, default=10, help="features to show")
+    budgets = qsub.add_parser(
+        "budgets", parents=[common], help="every site's budget and spend, as mirrored"
+    )
+    budgets.add_argument("--site", default="", help="only this site")
     query.set_defaults(func=_cmd_query)
     add_privacy_commands(sub)
     return parser

@@ -9,7 +9,7 @@ import grpc
 
 from fedlens import wire
 from fedlens.status_codes import error_from_rpc
-from fedlens.types import Release, ReleaseSummary
+from fedlens.types import Release, ReleaseSummary, SiteLedger
 from fedlens.v1 import query_pb2, query_pb2_grpc
 
 __all__ = ["QueryClient"]
@@ -54,6 +54,11 @@ class QueryClient:
             self._stub.GetRelease, query_pb2.GetReleaseRequest(release_id=release_id)
         )
         return wire.release_from_proto(reply)
+
+    def list_budgets(self, *, site_id: str = "") -> list[SiteLedger]:
+        """Every site's ledger as the coordinator mirrors it, with its composed ε."""
+        reply = self._call(self._stub.ListBudgets, query_pb2.ListBudgetsRequest(site_id=site_id))
+        return [wire.site_ledger_from_proto(ledger) for ledger in reply.ledgers]
 
     def _call(self, method: Callable[..., _Reply], request: Any) -> _Reply:
         try:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from privacy.ledger import LedgerEvent
+
 __all__ = [
     "KeyAdvertisement",
     "MaskedSubmission",
@@ -21,6 +23,7 @@ __all__ = [
     "RoundPhase",
     "RoundSpec",
     "RoundStatus",
+    "SiteLedger",
 ]
 
 
@@ -146,3 +149,58 @@ class ReleaseSummary:
     kind: str
     created_at: str
     num_sites: int
+
+
+@dataclass(frozen=True)
+class SiteLedger:
+    """A site's privacy ledger as reported to, and mirrored by, the coordinator.
+
+    ``epsilon_spent`` and ``accountant`` are the coordinator's own composition of
+    ``events`` at ``delta``; a site's report leaves them at their defaults.
+    """
+
+    site_id: str
+    budget_epsilon: float
+    delta: float
+    events: tuple[LedgerEvent, ...]
+    epsilon_spent: float = 0.0
+    accountant: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready; events as :meth:`privacy.LedgerEvent.to_dict`."""
+        return {
+            "site_id": self.site_id,
+            "budget_epsilon": self.budget_epsilon,
+            "delta": self.delta,
+            "events": [event.to_dict() for event in self.events],
+            "epsilon_spent": self.epsilon_spent,
+            "accountant": self.accountant,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> SiteLedger:
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        ConfigurationError
+            A field is missing or invalid; the message names it.
+        """
+        from fedlens.errors import ConfigurationError
+
+        try:
+            events = data["events"]
+            if not isinstance(events, list):
+                raise TypeError("events must be a list")
+            return cls(
+                site_id=str(data["site_id"]),
+                budget_epsilon=float(data["budget_epsilon"]),  # type: ignore[arg-type]
+                delta=float(data["delta"]),  # type: ignore[arg-type]
+                events=tuple(LedgerEvent.from_dict(event) for event in events),
+                epsilon_spent=float(data.get("epsilon_spent", 0.0)),  # type: ignore[arg-type]
+                accountant=str(data.get("accountant", "")),
+            )
+        except KeyError as exc:
+            raise ConfigurationError(f"site ledger lacks the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"invalid site ledger: {exc}") from None

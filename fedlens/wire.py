@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlens.errors import IntegrityError
+from fedlens.errors import ConfigurationError, IntegrityError
 from fedlens.types import (
     KeyAdvertisement,
     MaskedSubmission,
@@ -20,12 +20,16 @@ from fedlens.types import (
     RoundPhase,
     RoundSpec,
     RoundStatus,
+    SiteLedger,
 )
 from fedlens.v1 import aggregation_pb2, common_pb2, query_pb2
+from privacy.ledger import LedgerEvent
 
 __all__ = [
     "key_advertisement_from_proto",
     "key_advertisement_to_proto",
+    "ledger_event_from_proto",
+    "ledger_event_to_proto",
     "masked_submission_from_proto",
     "masked_submission_to_proto",
     "privacy_cost_from_proto",
@@ -38,6 +42,8 @@ __all__ = [
     "round_spec_to_proto",
     "round_status_from_proto",
     "round_status_to_proto",
+    "site_ledger_from_proto",
+    "site_ledger_to_proto",
 ]
 
 _PHASE_TO_PROTO = {
@@ -208,4 +214,54 @@ def release_summary_from_proto(msg: query_pb2.ReleaseSummary) -> ReleaseSummary:
         kind=msg.kind,
         created_at=msg.created_at,
         num_sites=msg.num_sites,
+    )
+
+
+def ledger_event_to_proto(event: LedgerEvent) -> common_pb2.LedgerEvent:
+    return common_pb2.LedgerEvent(
+        kind=event.kind,
+        noise_multiplier=event.noise_multiplier,
+        sampling_rate=event.sampling_rate,
+        steps=event.steps,
+        label=event.label,
+        created_at=event.created_at.isoformat(),
+    )
+
+
+def ledger_event_from_proto(msg: common_pb2.LedgerEvent) -> LedgerEvent:
+    """Raises :class:`IntegrityError` naming the field if the event is invalid."""
+    try:
+        return LedgerEvent.from_dict(
+            {
+                "kind": msg.kind,
+                "noise_multiplier": msg.noise_multiplier,
+                "sampling_rate": msg.sampling_rate,
+                "steps": msg.steps,
+                "label": msg.label,
+                "created_at": msg.created_at,
+            }
+        )
+    except ConfigurationError as exc:
+        raise IntegrityError(f"malformed ledger event: {exc}") from None
+
+
+def site_ledger_to_proto(ledger: SiteLedger) -> common_pb2.SiteLedger:
+    return common_pb2.SiteLedger(
+        site_id=ledger.site_id,
+        budget_epsilon=ledger.budget_epsilon,
+        delta=ledger.delta,
+        events=[ledger_event_to_proto(event) for event in ledger.events],
+        epsilon_spent=ledger.epsilon_spent,
+        accountant=ledger.accountant,
+    )
+
+
+def site_ledger_from_proto(msg: common_pb2.SiteLedger) -> SiteLedger:
+    return SiteLedger(
+        site_id=msg.site_id,
+        budget_epsilon=msg.budget_epsilon,
+        delta=msg.delta,
+        events=tuple(ledger_event_from_proto(event) for event in msg.events),
+        epsilon_spent=msg.epsilon_spent,
+        accountant=msg.accountant,
     )

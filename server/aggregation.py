@@ -17,9 +17,11 @@ import numpy as np
 
 from explain import get_kind
 from fedlens.errors import (
+    BudgetExceededError,
     ConfigurationError,
     DuplicateSubmissionError,
     FedlensError,
+    IntegrityError,
     StorageError,
     UnknownRoundError,
 )
@@ -31,8 +33,9 @@ from fedlens.types import (
     RoundPhase,
     RoundSpec,
     RoundStatus,
+    SiteLedger,
 )
-from privacy import FixedPointCodec
+from privacy import FixedPointCodec, LedgerEvent, PrivacyLedger, gaussian_noise_multiplier
 from privacy.aggregation_round import AggregationRound
 from server.storage import Store
 
@@ -73,7 +76,23 @@ class Aggregator:
     # -- coordinator ---------------------------------------------------------------
 
     def open_round(self, spec: RoundSpec, *, actor: str = "coordinator") -> RoundStatus:
+        """Open a round, unless its parameters are malformed or a site cannot afford it.
+
+        Raises
+        ------
+        ConfigurationError
+            The post-processor rejects the round's parameters.
+        BudgetExceededError
+            The round's release would take some site past its budget, judging by the
+            site's mirrored ledger (:meth:`report_ledger`); sites that never reported
+            are not judged here, and every site still checks its own ledger.
+        """
         _check_postprocessor(spec)  # refused before anything is stored
+        try:
+            self._check_budgets(spec)
+        except BudgetExceededError as exc:
+            self._audit(actor, "open_round", spec.round_id, "refused", str(exc))
+            raise
         with self._registry_lock:
             if spec.round_id in self._rounds or self._store.round_exists(spec.round_id):
                 self._audit(actor, "open_round", spec.round_id, "refused", "round id in use")
@@ -86,6 +105,60 @@ class Aggregator:
             "opened round %s (%s) for %d sites", spec.round_id, spec.kind, len(spec.site_ids)
         )
         return state.status(self._clock())
+
+    def _check_budgets(self, spec: RoundSpec) -> None:
+        epsilon, delta = spec.params.get("epsilon"), spec.params.get("delta")
+        if epsilon is None or delta is None:
+            return
+        try:
+            release = LedgerEvent(
+                kind="gaussian",
+                noise_multiplier=gaussian_noise_multiplier(float(epsilon), float(delta)),
+                label=f"round {spec.round_id}",
+                created_at=self._wall(),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"round {spec.round_id}: bad epsilon or delta: {exc}"
+            ) from None
+        short = []
+        for mirrored in self._store.site_ledgers():
+            if mirrored.site_id not in spec.site_ids:
+                continue
+            ledger = PrivacyLedger(mirrored.budget_epsilon, mirrored.delta, mirrored.events)
+            after = ledger.epsilon_with(release)
+            if after > ledger.budget_epsilon:
+                short.append(
+                    f"{mirrored.site_id} (spent ε = {ledger.epsilon_spent():.3f} of "
+                    f"{ledger.budget_epsilon:g}; the release would bring it to {after:.3f})"
+                )
+        if short:
+            raise BudgetExceededError(
+                f"round {spec.round_id} refused: a release at ε = {epsilon}, δ = {delta} "
+                f"does not fit the mirrored ledger of {', '.join(short)}"
+            )
+
+    def report_ledger(self, ledger: SiteLedger, *, actor: str = "") -> SiteLedger:
+        """Mirror a site's ledger; returns the mirror with its composed ε.
+
+        Raises
+        ------
+        IntegrityError
+            The report is malformed, or drops or rewrites mirrored events; nothing is
+            stored and the refusal is audited.
+        """
+        actor = actor or ledger.site_id
+        try:
+            composed = PrivacyLedger(ledger.budget_epsilon, ledger.delta, ledger.events)
+            added = self._store.mirror_ledger(ledger, now=self._wall())
+        except ConfigurationError as exc:
+            self._audit(actor, "report_ledger", "", "refused", str(exc))
+            raise IntegrityError(f"malformed ledger of site {ledger.site_id}: {exc}") from None
+        except IntegrityError as exc:
+            self._audit(actor, "report_ledger", "", "refused", str(exc))
+            raise
+        self._audit(actor, "report_ledger", "", "ok", f"site={ledger.site_id} added={added}")
+        return _with_epsilon(ledger, composed)
 
     # -- sites -----------------------------------------------------------------------
 
@@ -234,7 +307,9 @@ def _check_postprocessor(spec: RoundSpec) -> None:
 
 
 # Spec parameters worth keeping with a release (the rest are encodings for the post-processor).
-_PUBLIC_PARAMS = frozenset({"dataset", "model", "n_steps", "noise", "training_rounds"})
+_PUBLIC_PARAMS = frozenset(
+    {"dataset", "delta", "epsilon", "model", "n_steps", "noise", "training_rounds"}
+)
 
 
 class QueryHandler:
@@ -250,3 +325,21 @@ class QueryHandler:
 
     def get_release(self, release_id: str) -> Release:
         return self._store.get_release(release_id)
+
+    def list_budgets(self, *, site_id: str = "") -> list[SiteLedger]:
+        """Every mirrored site ledger (or one site's), with its composed ε."""
+        return [
+            _with_epsilon(m, PrivacyLedger(m.budget_epsilon, m.delta, m.events))
+            for m in self._store.site_ledgers(site_id=site_id)
+        ]
+
+
+def _with_epsilon(ledger: SiteLedger, composed: PrivacyLedger) -> SiteLedger:
+    return SiteLedger(
+        site_id=ledger.site_id,
+        budget_epsilon=ledger.budget_epsilon,
+        delta=ledger.delta,
+        events=ledger.events,
+        epsilon_spent=composed.epsilon_spent(),
+        accountant=composed.accountant,
+    )

@@ -24,10 +24,11 @@ from flwr.serverapp.strategy import FedAvg
 from client.training import evaluate
 from fedlens import wire
 from fedlens.datasets import load_dataset
-from fedlens.errors import DropoutError, ProtocolError
+from fedlens.errors import DropoutError, FedlensError, ProtocolError
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
-from fedlens.types import RoundPhase, RoundSpec, RoundStatus
+from fedlens.status_codes import error_from_rpc
+from fedlens.types import RoundPhase, RoundSpec, RoundStatus, SiteLedger
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
 from privacy import FixedPointCodec
 from server.polling_grid import PollingGrid
@@ -51,6 +52,13 @@ class SiteLog:
     names: dict[int, str] = field(default_factory=dict)
     epsilon_total: dict[str, float] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
+    # Each site's latest ledger snapshot (JSON), forwarded to the coordinator's mirror.
+    ledgers: dict[str, str] = field(default_factory=dict)
+
+    def note_ledger(self, name: str, reply: Message) -> None:
+        record = reply.content.config_records.get("ledger")
+        if record is not None and isinstance(record.get("json"), str):
+            self.ledgers[name] = str(record["json"])
 
 
 class TrackingFedAvg(FedAvg):
@@ -77,6 +85,7 @@ class TrackingFedAvg(FedAvg):
             metrics = reply.content.metric_records.get("metrics")
             if metrics is not None and "epsilon-total" in metrics:
                 self.log.epsilon_total[name] = float(metrics["epsilon-total"])  # type: ignore[arg-type]
+            self.log.note_ledger(name, reply)
         return super().aggregate_train(server_round, replies)
 
 
@@ -129,6 +138,9 @@ def run_explanation_round(
         "model": run.model,
         "noise": "local",
         "training_rounds": str(run.rounds),
+        # The coordinator checks every site's mirrored ledger against this release.
+        "epsilon": repr(run.explain_epsilon),
+        "delta": repr(run.explain_delta),
     }
     spec = RoundSpec(
         round_id=uuid.uuid4().hex,
@@ -144,7 +156,20 @@ def run_explanation_round(
     )
     with grpc.insecure_channel(run.aggregator) as channel:
         stub = aggregation_pb2_grpc.AggregationStub(channel)
-        stub.OpenRound(aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec)))
+        report_ledgers(stub, log)
+        try:
+            stub.OpenRound(aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec)))
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc, run.aggregator)
+            logger.warning("explanation round refused by the coordinator: %s", error)
+            return RoundStatus(
+                round_id=spec.round_id,
+                phase=RoundPhase.ABORTED,
+                advertised=(),
+                submitted=(),
+                release_id="",
+                reason=f"refused before any site was asked: {error}",
+            )
         logger.info("explanation round %s opened at %s", spec.round_id, run.aggregator)
         config = ConfigRecord(
             {
@@ -182,12 +207,34 @@ def run_explanation_round(
             metrics = reply.content.metric_records.get("metrics")
             if metrics is not None and "epsilon-total" in metrics:
                 log.epsilon_total[name] = float(metrics["epsilon-total"])  # type: ignore[arg-type]
+            log.note_ledger(name, reply)
+        report_ledgers(stub, log)
         status = _await_round(stub, spec.round_id, 0 if failed else run.phase_timeout_s)
         if failed and not status.phase.finished:
             # The aggregator aborts the round at its deadline, revealing nothing; the
             # coordinator need not wait for that to report why.
             status = replace(status, phase=RoundPhase.ABORTED, reason="; ".join(failed))
         return status
+
+
+def report_ledgers(stub: aggregation_pb2_grpc.AggregationStub, log: SiteLog) -> None:
+    """Send every site's latest ledger snapshot to the coordinator's mirror.
+
+    A snapshot the coordinator refuses (malformed, or rewriting mirrored events) is
+    logged and audited there; it does not stop the run, since every site still checks
+    its own ledger before it spends.
+    """
+    for name, snapshot in sorted(log.ledgers.items()):
+        try:
+            ledger = SiteLedger.from_dict(json.loads(snapshot))
+            stub.ReportLedger(
+                aggregation_pb2.ReportLedgerRequest(ledger=wire.site_ledger_to_proto(ledger)),
+                timeout=30,
+            )
+        except (ValueError, FedlensError) as exc:
+            logger.warning("ledger snapshot of %s is malformed: %s", name, exc)
+        except grpc.RpcError as exc:
+            logger.warning("coordinator refused the ledger of %s: %s", name, exc.details())
 
 
 def _write_summary(run: RunConfig, summary: Mapping[str, object]) -> None:

@@ -70,6 +70,14 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
         status = self._agg.decline(request.round_id, request.site_id, request.reason)
         return aggregation_pb2.DeclineRoundResponse(status=wire.round_status_to_proto(status))
 
+    def ReportLedger(  # noqa: N802
+        self, request: aggregation_pb2.ReportLedgerRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.ReportLedgerResponse:
+        mirrored = self._agg.report_ledger(wire.site_ledger_from_proto(request.ledger))
+        return aggregation_pb2.ReportLedgerResponse(
+            epsilon_spent=mirrored.epsilon_spent, events=len(mirrored.events)
+        )
+
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
     def __init__(self, handler: QueryHandler) -> None:
@@ -87,6 +95,14 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         self, request: query_pb2.GetReleaseRequest, context: grpc.ServicerContext
     ) -> query_pb2.Release:
         return wire.release_to_proto(self._handler.get_release(request.release_id))
+
+    def ListBudgets(  # noqa: N802
+        self, request: query_pb2.ListBudgetsRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ListBudgetsResponse:
+        ledgers = self._handler.list_budgets(site_id=request.site_id)
+        return query_pb2.ListBudgetsResponse(
+            ledgers=[wire.site_ledger_to_proto(ledger) for ledger in ledgers]
+        )
 
 
 @dataclass

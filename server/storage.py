@@ -28,8 +28,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from fedlens.errors import NotFoundError, StorageError
-from fedlens.types import PrivacyCost, Release, ReleasedValue, ReleaseSummary, RoundSpec
+from fedlens.errors import IntegrityError, NotFoundError, StorageError
+from fedlens.types import (
+    PrivacyCost,
+    Release,
+    ReleasedValue,
+    ReleaseSummary,
+    RoundSpec,
+    SiteLedger,
+)
+from privacy import LedgerEvent
 
 __all__ = ["AuditEntry", "Store"]
 
@@ -90,6 +98,31 @@ class _AuditRow(_Base):
     round_id: Mapped[str] = mapped_column(String(128), default="")
     outcome: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class _SiteLedgerRow(_Base):
+    __tablename__ = "site_ledgers"
+
+    site_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    budget_epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _SiteLedgerEventRow(_Base):
+    """A mirrored ledger event; ``seq`` is its position in the site's ledger, from 0."""
+
+    __tablename__ = "site_ledger_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("site_ledgers.site_id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sampling_rate: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(64))
 
 
 class AuditEntry:
@@ -242,6 +275,76 @@ class Store:
                 for row in s.scalars(query)
             ]
 
+    # -- mirrored site ledgers -------------------------------------------------------
+
+    def mirror_ledger(self, ledger: SiteLedger, *, now: datetime) -> int:
+        """Extend the mirror of ``ledger.site_id`` with the events it does not hold yet.
+
+        The mirror is append-only: the report must carry every mirrored event, unchanged
+        and in order, followed by any new ones. Returns the number of events appended.
+
+        Raises
+        ------
+        IntegrityError
+            The report changes the site's budget or δ, or drops or rewrites a mirrored
+            event; nothing is stored.
+        """
+        with self._session() as s:
+            row = s.get(_SiteLedgerRow, ledger.site_id)
+            if row is None:
+                row = _SiteLedgerRow(
+                    site_id=ledger.site_id,
+                    budget_epsilon=ledger.budget_epsilon,
+                    delta=ledger.delta,
+                    updated_at=now,
+                )
+                s.add(row)
+                s.flush()
+            elif (row.budget_epsilon, row.delta) != (ledger.budget_epsilon, ledger.delta):
+                raise IntegrityError(
+                    f"site {ledger.site_id} reported budget ε = {ledger.budget_epsilon:g}, "
+                    f"δ = {ledger.delta:g}; its mirrored ledger has ε = "
+                    f"{row.budget_epsilon:g}, δ = {row.delta:g}"
+                )
+            stored = [_event_from_row(r) for r in s.scalars(_events_query(ledger.site_id))]
+            if list(ledger.events[: len(stored)]) != stored:
+                raise IntegrityError(
+                    f"site {ledger.site_id} reported {len(ledger.events)} ledger events that "
+                    f"do not extend the {len(stored)} already mirrored: a ledger is append-only"
+                )
+            new = ledger.events[len(stored) :]
+            for seq, e in enumerate(new, start=len(stored)):
+                s.add(
+                    _SiteLedgerEventRow(
+                        site_id=ledger.site_id,
+                        seq=seq,
+                        kind=e.kind,
+                        noise_multiplier=e.noise_multiplier,
+                        sampling_rate=e.sampling_rate,
+                        steps=e.steps,
+                        label=e.label,
+                        created_at=e.created_at.isoformat(),
+                    )
+                )
+            row.updated_at = now
+            return len(new)
+
+    def site_ledgers(self, *, site_id: str = "") -> list[SiteLedger]:
+        """The mirrored ledgers (all, or one site's), events oldest first; ε not computed."""
+        with self._session() as s:
+            query = select(_SiteLedgerRow).order_by(_SiteLedgerRow.site_id)
+            if site_id:
+                query = query.where(_SiteLedgerRow.site_id == site_id)
+            return [
+                SiteLedger(
+                    site_id=row.site_id,
+                    budget_epsilon=row.budget_epsilon,
+                    delta=row.delta,
+                    events=tuple(_event_from_row(r) for r in s.scalars(_events_query(row.site_id))),
+                )
+                for row in s.scalars(query)
+            ]
+
     # -- audit ---------------------------------------------------------------------
 
     def audit(
@@ -283,6 +386,27 @@ class Store:
             for table in _Base.metadata.sorted_tables:
                 out[table.name] = [dict(r._mapping) for r in conn.execute(table.select())]
         return out
+
+
+def _events_query(site_id: str) -> Any:
+    return (
+        select(_SiteLedgerEventRow)
+        .where(_SiteLedgerEventRow.site_id == site_id)
+        .order_by(_SiteLedgerEventRow.seq)
+    )
+
+
+def _event_from_row(row: _SiteLedgerEventRow) -> LedgerEvent:
+    return LedgerEvent.from_dict(
+        {
+            "kind": row.kind,
+            "noise_multiplier": row.noise_multiplier,
+            "sampling_rate": row.sampling_rate,
+            "steps": row.steps,
+            "label": row.label,
+            "created_at": row.created_at,
+        }
+    )
 
 
 def _iso(at: datetime) -> str:

@@ -447,3 +447,46 @@ class DeclineRoundResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeclineRoundResponse: _TypeAlias = DeclineRoundResponse  # noqa: Y015
+
+@_typing.final
+class ReportLedgerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ledger(self) -> _common_pb2.SiteLedger: ...
+    def __init__(
+        self,
+        *,
+        ledger: _common_pb2.SiteLedger | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ledger", b"ledger"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ledger", b"ledger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportLedgerRequest: _TypeAlias = ReportLedgerRequest  # noqa: Y015
+
+@_typing.final
+class ReportLedgerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    epsilon_spent: _builtins.float
+    """ε of the mirrored ledger, composed at its δ, and how many events it now holds."""
+    events: _builtins.int
+    def __init__(
+        self,
+        *,
+        epsilon_spent: _builtins.float = ...,
+        events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epsilon_spent", b"epsilon_spent", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportLedgerResponse: _TypeAlias = ReportLedgerResponse  # noqa: Y015

@@ -67,6 +67,11 @@ class AggregationStub:
                 request_serializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundResponse.FromString,
                 _registered_method=True)
+        self.ReportLedger = channel.unary_unary(
+                '/fedlens.v1.Aggregation/ReportLedger',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerResponse.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -113,6 +118,15 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLedger(self, request, context):
+        """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
+        not afford. INVALID_ARGUMENT for a malformed ledger, or one that drops or rewrites
+        events already mirrored (the mirror is append-only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +159,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.DeclineRound,
                     request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundResponse.SerializeToString,
+            ),
+            'ReportLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLedger,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +331,33 @@ class Aggregation:
             '/fedlens.v1.Aggregation/DeclineRound',
             fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundRequest.SerializeToString,
             fedlens_dot_v1_dot_aggregation__pb2.DeclineRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/ReportLedger',
+            fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,11 @@ class AggregationStub:
     """A site that will not contribute (its budget is spent, its data cannot be explained)
     says so; the round aborts at once, revealing nothing, instead of at its deadline.
     """
+    ReportLedger: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.ReportLedgerRequest, _aggregation_pb2.ReportLedgerResponse]
+    """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
+    not afford. INVALID_ARGUMENT for a malformed ledger, or one that drops or rewrites
+    events already mirrored (the mirror is append-only).
+    """
 
 @_typing.type_check_only
 class AggregationAsyncStub(AggregationStub):
@@ -62,6 +67,11 @@ class AggregationAsyncStub(AggregationStub):
     DeclineRound: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.DeclineRoundRequest, _aggregation_pb2.DeclineRoundResponse]  # type: ignore[assignment]
     """A site that will not contribute (its budget is spent, its data cannot be explained)
     says so; the round aborts at once, revealing nothing, instead of at its deadline.
+    """
+    ReportLedger: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.ReportLedgerRequest, _aggregation_pb2.ReportLedgerResponse]  # type: ignore[assignment]
+    """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
+    not afford. INVALID_ARGUMENT for a malformed ledger, or one that drops or rewrites
+    events already mirrored (the mirror is append-only).
     """
 
 class AggregationServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +123,17 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_aggregation_pb2.DeclineRoundResponse, _abc.Awaitable[_aggregation_pb2.DeclineRoundResponse]]:
         """A site that will not contribute (its budget is spent, its data cannot be explained)
         says so; the round aborts at once, revealing nothing, instead of at its deadline.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportLedger(
+        self,
+        request: _aggregation_pb2.ReportLedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.ReportLedgerResponse, _abc.Awaitable[_aggregation_pb2.ReportLedgerResponse]]:
+        """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
+        not afford. INVALID_ARGUMENT for a malformed ledger, or one that drops or rewrites
+        events already mirrored (the mirror is append-only).
         """
 
 def add_AggregationServicer_to_server(servicer: AggregationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64lens/v1/common.proto\x12\nfedlens.v1\"U\n\x0bPrivacyCost\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\repsilon_total\x18\x04 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64lens/v1/common.proto\x12\nfedlens.v1\"U\n\x0bPrivacyCost\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\repsilon_total\x18\x04 \x01(\x01\"~\n\x0bLedgerEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x15\n\rsampling_rate\x18\x03 \x01(\x01\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\r\n\x05label\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\t\"\x98\x01\n\nSiteLedger\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62udget_epsilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\'\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x17.fedlens.v1.LedgerEvent\x12\x15\n\repsilon_spent\x18\x05 \x01(\x01\x12\x12\n\naccountant\x18\x06 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,4 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PRIVACYCOST']._serialized_start=39
   _globals['_PRIVACYCOST']._serialized_end=124
+  _globals['_LEDGEREVENT']._serialized_start=126
+  _globals['_LEDGEREVENT']._serialized_end=252
+  _globals['_SITELEDGER']._serialized_start=255
+  _globals['_SITELEDGER']._serialized_end=407
 # @@protoc_insertion_point(module_scope)

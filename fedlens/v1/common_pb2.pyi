@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -47,3 +49,83 @@ class PrivacyCost(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrivacyCost: _TypeAlias = PrivacyCost  # noqa: Y015
+
+@_typing.final
+class LedgerEvent(_message.Message):
+    """One privacy-consuming event in a site's ledger, with every parameter it was accounted with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    SAMPLING_RATE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"dpsgd", "gaussian" or "discrete_gaussian"."""
+    noise_multiplier: _builtins.float
+    """Noise std divided by the L2 sensitivity (the clip bound for DP-SGD)."""
+    sampling_rate: _builtins.float
+    """Poisson sampling rate; 1 for releases."""
+    steps: _builtins.int
+    label: _builtins.str
+    created_at: _builtins.str
+    """RFC 3339 time the site recorded the event."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        noise_multiplier: _builtins.float = ...,
+        sampling_rate: _builtins.float = ...,
+        steps: _builtins.int = ...,
+        label: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "kind", b"kind", "label", b"label", "noise_multiplier", b"noise_multiplier", "sampling_rate", b"sampling_rate", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerEvent: _TypeAlias = LedgerEvent  # noqa: Y015
+
+@_typing.final
+class SiteLedger(_message.Message):
+    """A site's ledger as the coordinator mirrors it: the site's budget and all its events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    ACCOUNTANT_FIELD_NUMBER: _builtins.int
+    site_id: _builtins.str
+    budget_epsilon: _builtins.float
+    delta: _builtins.float
+    epsilon_spent: _builtins.float
+    """Set by the coordinator on reads: ε of all events composed at delta, and the accountant."""
+    accountant: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEvent]:
+        """Oldest first; a later report must extend an earlier one, never rewrite it."""
+
+    def __init__(
+        self,
+        *,
+        site_id: _builtins.str = ...,
+        budget_epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        events: _abc.Iterable[Global___LedgerEvent] | None = ...,
+        epsilon_spent: _builtins.float = ...,
+        accountant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "budget_epsilon", b"budget_epsilon", "delta", b"delta", "epsilon_spent", b"epsilon_spent", "events", b"events", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteLedger: _TypeAlias = SiteLedger  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedlens.v1 import common_pb2 as fedlens_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64lens/v1/query.proto\x12\nfedlens.v1\x1a\x17\x66\x65\x64lens/v1/common.proto\"?\n\rReleasedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\"\xc6\x02\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x14\n\x0cnoised_count\x18\x05 \x01(\x01\x12)\n\x06values\x18\x06 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12*\n\x07grouped\x18\x07 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12&\n\x05\x63osts\x18\x08 \x03(\x0b\x32\x17.fedlens.v1.PrivacyCost\x12/\n\x06params\x18\t \x03(\x0b\x32\x1f.fedlens.v1.Release.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0eReleaseSummary\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x11\n\tnum_sites\x18\x05 \x01(\r\"2\n\x13ListReleasesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\"D\n\x14ListReleasesResponse\x12,\n\x08releases\x18\x01 \x03(\x0b\x32\x1a.fedlens.v1.ReleaseSummary\"\'\n\x11GetReleaseRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t2\x9c\x01\n\x05Query\x12Q\n\x0cListReleases\x12\x1f.fedlens.v1.ListReleasesRequest\x1a .fedlens.v1.ListReleasesResponse\x12@\n\nGetRelease\x12\x1d.fedlens.v1.GetReleaseRequest\x1a\x13.fedlens.v1.Releaseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64lens/v1/query.proto\x12\nfedlens.v1\x1a\x17\x66\x65\x64lens/v1/common.proto\"?\n\rReleasedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\"\xc6\x02\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x14\n\x0cnoised_count\x18\x05 \x01(\x01\x12)\n\x06values\x18\x06 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12*\n\x07grouped\x18\x07 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12&\n\x05\x63osts\x18\x08 \x03(\x0b\x32\x17.fedlens.v1.PrivacyCost\x12/\n\x06params\x18\t \x03(\x0b\x32\x1f.fedlens.v1.Release.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0eReleaseSummary\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x11\n\tnum_sites\x18\x05 \x01(\r\"2\n\x13ListReleasesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\"D\n\x14ListReleasesResponse\x12,\n\x08releases\x18\x01 \x03(\x0b\x32\x1a.fedlens.v1.ReleaseSummary\"\'\n\x11GetReleaseRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\"%\n\x12ListBudgetsRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\">\n\x13ListBudgetsResponse\x12\'\n\x07ledgers\x18\x01 \x03(\x0b\x32\x16.fedlens.v1.SiteLedger2\xec\x01\n\x05Query\x12Q\n\x0cListReleases\x12\x1f.fedlens.v1.ListReleasesRequest\x1a .fedlens.v1.ListReleasesResponse\x12@\n\nGetRelease\x12\x1d.fedlens.v1.GetReleaseRequest\x1a\x13.fedlens.v1.Release\x12N\n\x0bListBudgets\x12\x1e.fedlens.v1.ListBudgetsRequest\x1a\x1f.fedlens.v1.ListBudgetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRELEASESRESPONSE']._serialized_end=686
   _globals['_GETRELEASEREQUEST']._serialized_start=688
   _globals['_GETRELEASEREQUEST']._serialized_end=727
-  _globals['_QUERY']._serialized_start=730
-  _globals['_QUERY']._serialized_end=886
+  _globals['_LISTBUDGETSREQUEST']._serialized_start=729
+  _globals['_LISTBUDGETSREQUEST']._serialized_end=766
+  _globals['_LISTBUDGETSRESPONSE']._serialized_start=768
+  _globals['_LISTBUDGETSRESPONSE']._serialized_end=830
+  _globals['_QUERY']._serialized_start=833
+  _globals['_QUERY']._serialized_end=1069
 # @@protoc_insertion_point(module_scope)

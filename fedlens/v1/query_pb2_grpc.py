@@ -45,6 +45,11 @@ class QueryStub:
                 request_serializer=fedlens_dot_v1_dot_query__pb2.GetReleaseRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_query__pb2.Release.FromString,
                 _registered_method=True)
+        self.ListBudgets = channel.unary_unary(
+                '/fedlens.v1.Query/ListBudgets',
+                request_serializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -63,6 +68,13 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBudgets(self, request, context):
+        """Every site's mirrored ledger: budget, spend history and ε spent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.GetRelease,
                     request_deserializer=fedlens_dot_v1_dot_query__pb2.GetReleaseRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_query__pb2.Release.SerializeToString,
+            ),
+            'ListBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgets,
+                    request_deserializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class Query:
             '/fedlens.v1.Query/GetRelease',
             fedlens_dot_v1_dot_query__pb2.GetReleaseRequest.SerializeToString,
             fedlens_dot_v1_dot_query__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Query/ListBudgets',
+            fedlens_dot_v1_dot_query__pb2.ListBudgetsRequest.SerializeToString,
+            fedlens_dot_v1_dot_query__pb2.ListBudgetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class QueryStub:
     def __new__(cls, channel: _aio.Channel) -> QueryAsyncStub: ...
     ListReleases: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListReleasesRequest, _query_pb2.ListReleasesResponse]
     GetRelease: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetReleaseRequest, _query_pb2.Release]
+    ListBudgets: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListBudgetsRequest, _query_pb2.ListBudgetsResponse]
+    """Every site's mirrored ledger: budget, spend history and ε spent."""
 
 @_typing.type_check_only
 class QueryAsyncStub(QueryStub):
@@ -43,6 +45,8 @@ class QueryAsyncStub(QueryStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListReleases: _aio.UnaryUnaryMultiCallable[_query_pb2.ListReleasesRequest, _query_pb2.ListReleasesResponse]  # type: ignore[assignment]
     GetRelease: _aio.UnaryUnaryMultiCallable[_query_pb2.GetReleaseRequest, _query_pb2.Release]  # type: ignore[assignment]
+    ListBudgets: _aio.UnaryUnaryMultiCallable[_query_pb2.ListBudgetsRequest, _query_pb2.ListBudgetsResponse]  # type: ignore[assignment]
+    """Every site's mirrored ledger: budget, spend history and ε spent."""
 
 class QueryServicer(metaclass=_abc_1.ABCMeta):
     """Read access to aggregated, privacy-accounted releases. Queries cost no privacy."""
@@ -60,5 +64,13 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
         request: _query_pb2.GetReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.Release, _abc.Awaitable[_query_pb2.Release]]: ...
+
+    @_abc_1.abstractmethod
+    def ListBudgets(
+        self,
+        request: _query_pb2.ListBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.ListBudgetsResponse, _abc.Awaitable[_query_pb2.ListBudgetsResponse]]:
+        """Every site's mirrored ledger: budget, spend history and ε spent."""
 
 def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.ledger_store import LedgerStore
 from fedlens.datasets import load_dataset
 from fedlens.runconfig import RunConfig
 from fedlens.types import MaskedSubmission, RoundPhase, RoundStatus
@@ -106,6 +107,14 @@ def test_synthetic_hospitals_release_ranks_the_planted_features(tmp_path: Path) 
         decoded = codec.decode(sub.values)
         assert np.mean(np.abs(decoded) <= plausible) < 0.05
 
+    # The coordinator mirrors every site's ledger exactly: three training rounds, one release.
+    mirrored = {m.site_id: m for m in QueryHandler(store).list_budgets()}
+    assert sorted(mirrored) == [f"site-{i}" for i in range(4)]
+    for i in range(4):
+        own = LedgerStore(tmp_path / f"site-{i}" / "ledger.sqlite").read()
+        assert mirrored[f"site-{i}"].events == own.events
+        assert [e.kind for e in own.events] == ["dpsgd"] * 3 + ["gaussian"]
+        assert mirrored[f"site-{i}"].epsilon_spent == own.epsilon_spent()
     # And nothing stored by the aggregator holds a masked or unmasked vector.
     dumped = json.dumps(store.dump(), default=str)
     for sub in aggregator.received:

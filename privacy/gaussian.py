@@ -13,8 +13,12 @@ The neighbouring relation is add-or-remove one record. Privacy is computed with 
 
 ``"pld"`` (default)
     Privacy loss distributions (Koskela et al. 2020; Doroshenko et al., PETS 2022) with
-    pessimistic discretisation of interval :data:`PLD_VALUE_DISCRETIZATION`, so every ε
-    reported is an upper bound on the mechanism's true ε, and tight to a few per cent.
+    pessimistic discretisation, so every ε reported is an upper bound on the mechanism's
+    true ε. The interval is :func:`pld_interval`: at most
+    :data:`PLD_VALUE_DISCRETIZATION`, and finer for DP-SGD steps whose privacy loss
+    (about ``q / z`` nats) is small against it, since a grid that does not resolve a step
+    overstates ε (by 2x at ``q / z = Δ / 5``, cross-checked against Opacus's PRV
+    accountant); with it, ε is tight to a few per cent.
 ``"rdp"``
     Rényi DP (Mironov 2017; Mironov, Talwar, Zhang 2019 for the subsampled Gaussian),
     converted to (ε, δ) with the conversion of Canonne, Kamath, Steinke 2020. Looser
@@ -47,6 +51,7 @@ from scipy import optimize
 from fedlens.errors import ConfigurationError
 
 __all__ = [
+    "PLD_MIN_DISCRETIZATION",
     "PLD_VALUE_DISCRETIZATION",
     "AccountantName",
     "dpsgd_event",
@@ -56,6 +61,7 @@ __all__ = [
     "gaussian_event",
     "gaussian_noise_multiplier",
     "new_accountant",
+    "pld_interval",
 ]
 
 AccountantName = Literal["pld", "rdp"]
@@ -67,24 +73,43 @@ PLD_VALUE_DISCRETIZATION = 1e-3
 ``q = 0.03`` while being ten times faster (about 0.1 s per evaluation instead of 1 s).
 """
 
+PLD_MIN_DISCRETIZATION = 1e-4
+"""The finest interval :func:`pld_interval` chooses; finer grids cost time and memory."""
+
+# Steps are resolved when the interval is at most this fraction of q / z (under 1 %
+# overstatement at a third, measured against Opacus's PRV accountant).
+_STEPS_PER_LOSS = 3.0
+
 _COARSE_DISCRETIZATION = 1e-2
 _RELATIVE_TOLERANCE = 1e-4
 _COARSE_RELATIVE_TOLERANCE = 1e-2
 _MAX_BRACKET_STEPS = 64
 
 
-def new_accountant(accountant: AccountantName = "pld") -> Any:
+def pld_interval(noise_multiplier: float, sampling_rate: float = 1.0) -> float:
+    """The PLD discretisation interval that resolves one step with these parameters.
+
+    ``clamp(q / (3 z), PLD_MIN_DISCRETIZATION, PLD_VALUE_DISCRETIZATION)``: the coarse
+    default unless the step's privacy loss (about ``q / z``) is small against it.
+    """
+    fine = sampling_rate / (_STEPS_PER_LOSS * noise_multiplier)
+    return min(PLD_VALUE_DISCRETIZATION, max(PLD_MIN_DISCRETIZATION, fine))
+
+
+def new_accountant(
+    accountant: AccountantName = "pld", *, interval: float = PLD_VALUE_DISCRETIZATION
+) -> Any:
     """A fresh ``dp_accounting`` accountant for add-or-remove-one neighbours.
 
     Parameters
     ----------
     accountant
-        ``"pld"`` (discretisation :data:`PLD_VALUE_DISCRETIZATION`) or ``"rdp"``.
+        ``"pld"`` or ``"rdp"``.
+    interval
+        PLD discretisation interval (see :func:`pld_interval`); ignored for RDP.
     """
     if accountant == "pld":
-        return pld_privacy_accountant.PLDAccountant(
-            value_discretization_interval=PLD_VALUE_DISCRETIZATION
-        )
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
     if accountant == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     raise ConfigurationError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
@@ -115,7 +140,8 @@ def epsilon_of_gaussian(
     """
     _check_noise_multiplier(noise_multiplier)
     _check_delta(delta)
-    return _epsilon(new_accountant(accountant), gaussian_event(noise_multiplier), delta)
+    fresh = new_accountant(accountant, interval=pld_interval(noise_multiplier))
+    return _epsilon(fresh, gaussian_event(noise_multiplier), delta)
 
 
 def epsilon_of_dpsgd(
@@ -146,7 +172,8 @@ def epsilon_of_dpsgd(
     _check_dpsgd(sampling_rate, steps)
     _check_delta(delta)
     event = dpsgd_event(noise_multiplier, sampling_rate, steps)
-    return _epsilon(new_accountant(accountant), event, delta)
+    fresh = new_accountant(accountant, interval=pld_interval(noise_multiplier, sampling_rate))
+    return _epsilon(fresh, event, delta)
 
 
 def gaussian_noise_multiplier(

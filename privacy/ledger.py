@@ -28,7 +28,14 @@ from typing import Any, Literal
 
 from fedlens.errors import BudgetExceededError, ConfigurationError
 from privacy.discrete import discrete_gaussian_event
-from privacy.gaussian import AccountantName, dpsgd_event, gaussian_event, new_accountant
+from privacy.gaussian import (
+    PLD_VALUE_DISCRETIZATION,
+    AccountantName,
+    dpsgd_event,
+    gaussian_event,
+    new_accountant,
+    pld_interval,
+)
 
 __all__ = ["EVENT_KINDS", "EventKind", "LedgerEvent", "PrivacyLedger"]
 
@@ -95,6 +102,10 @@ class LedgerEvent:
             raise ConfigurationError(f"label must be a string, got {self.label!r}")
         if not isinstance(self.created_at, datetime):
             raise ConfigurationError(f"created_at must be a datetime, got {self.created_at!r}")
+
+    def pld_interval(self) -> float:
+        """The PLD discretisation interval that resolves this event's steps."""
+        return pld_interval(self.noise_multiplier, self.sampling_rate)
 
     def dp_event(self) -> Any:
         """The event in ``dp_accounting``'s vocabulary."""
@@ -172,6 +183,7 @@ class PrivacyLedger:
         self._delta = float(delta)
         self._events: list[LedgerEvent] = []
         self._accountant_name: AccountantName = "pld"
+        self._interval = PLD_VALUE_DISCRETIZATION
         self._accountant: Any = new_accountant("pld")
         self._spent = 0.0
         self._pending: tuple[LedgerEvent, Any, float] | None = None
@@ -226,15 +238,29 @@ class PrivacyLedger:
                 raise ConfigurationError(f"expected a LedgerEvent, got {type(event).__name__}")
         if not events:
             return self._spent
-        if self._accountant_name == "pld" and any(e.kind not in _PLD_KINDS for e in events):
-            accountant = new_accountant("rdp")
-            for earlier in self._events:
-                accountant.compose(earlier.dp_event())
-        else:
-            accountant = copy.deepcopy(self._accountant)
+        accountant = self._accountant_for(events)
         for event in events:
             accountant.compose(event.dp_event())
         return float(accountant.get_epsilon(self._delta))
+
+    def _accountant_for(self, new: Sequence[LedgerEvent]) -> Any:
+        """A copy of the accountant, fit to compose ``new`` too; the ledger is unchanged.
+
+        Rebuilt from every recorded event when ``new`` needs RDP (a kind PLD does not
+        cover) or a finer PLD grid than the one in use; a copy otherwise.
+        """
+        name, interval = self._needs(new)
+        if (name, interval) == (self._accountant_name, self._interval):
+            return copy.deepcopy(self._accountant)
+        accountant = new_accountant(name, interval=interval)
+        for earlier in self._events:
+            accountant.compose(earlier.dp_event())
+        return accountant
+
+    def _needs(self, new: Sequence[LedgerEvent]) -> tuple[AccountantName, float]:
+        if self._accountant_name == "rdp" or any(e.kind not in _PLD_KINDS for e in new):
+            return "rdp", self._interval
+        return "pld", min([self._interval, *(e.pld_interval() for e in new)])
 
     def check(self, event: LedgerEvent) -> float:
         """The ε that recording ``event`` would bring the site to, if it fits the budget.
@@ -274,35 +300,20 @@ class PrivacyLedger:
         pending = self._pending
         if pending is not None and pending[0] == event:
             return pending[1], pending[2]
-        if self._accountant_name == "pld" and event.kind not in _PLD_KINDS:
-            # Recompose everything in RDP: one accountant covers the whole history.
-            accountant = new_accountant("rdp")
-            for earlier in self._events:
-                accountant.compose(earlier.dp_event())
-            accountant.compose(event.dp_event())
-        else:
-            accountant = _extend(self._accountant, event)
+        # One accountant covers the whole history: RDP once any event needs it, else PLD
+        # on a grid fine enough for every event.
+        accountant = self._accountant_for([event])
+        accountant.compose(event.dp_event())
         epsilon = float(accountant.get_epsilon(self._delta))
         self._pending = (event, accountant, epsilon)
         return accountant, epsilon
 
     def _append(self, event: LedgerEvent, accountant: Any, epsilon: float) -> None:
-        if event.kind not in _PLD_KINDS:
-            self._accountant_name = "rdp"
+        self._accountant_name, self._interval = self._needs([event])
         self._events.append(event)
         self._accountant = accountant
         self._spent = epsilon
         self._pending = None
-
-
-def _extend(accountant: Any, event: LedgerEvent) -> Any:
-    """A copy of ``accountant`` with ``event`` composed onto it; ``accountant`` is unchanged.
-
-    ``dp_accounting`` accountants compose in place, hence the copy.
-    """
-    extended = copy.deepcopy(accountant)
-    extended.compose(event.dp_event())
-    return extended
 
 
 def _as_int(value: Any) -> int:

@@ -189,6 +189,7 @@ class Site:
             learning_rate=run.learning_rate,
             noise_multiplier=z,
             max_grad_norm=run.max_grad_norm,
+            noise_source=SecureRandom(),
         )
         logger.info(
             "%s round %d: %d steps, ε %.3f of %.3f",

@@ -137,11 +137,18 @@ class BudgetPlan:
 
 
 def training_schedule(records: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
-    """``(q, steps per round)``: Poisson rate and steps of ``local_epochs`` expected passes."""
-    if records < 1:
-        raise ConfigurationError("a site needs at least one record to train")
-    q = min(1.0, batch_size / records)
-    return q, local_epochs * math.ceil(1.0 / q)
+    """``(q, steps per round)``: Poisson rate and steps of ``local_epochs`` expected passes.
+
+    With ``b = ceil(records / batch_size)`` batches per pass, ``q = 1 / b`` (the rate
+    Opacus's Poisson sampler uses, expected batch size ``records / b <= batch_size``) and
+    ``local_epochs * b`` steps.
+    """
+    if isinstance(records, bool) or not isinstance(records, int) or records < 1:
+        raise ConfigurationError(f"a site needs at least one record to train, got {records!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batches = math.ceil(records / batch_size)
+    return 1.0 / batches, local_epochs * batches
 
 
 def plan_budget(request: PlanRequest) -> BudgetPlan:

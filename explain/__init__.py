@@ -1,5 +1,6 @@
 """Explanation methods as pure functions: model + local data + spec -> clipped contribution."""
 
+from explain.feature_stats import FEATURE_STATS, FeatureLayout, feature_stats_terms
 from explain.global_attribution import GLOBAL_ATTRIBUTION, integrated_gradients
 from explain.registry import (
     Contribution,
@@ -12,11 +13,14 @@ from explain.registry import (
 )
 
 __all__ = [
+    "FEATURE_STATS",
     "GLOBAL_ATTRIBUTION",
     "Contribution",
     "ExplanationKind",
+    "FeatureLayout",
     "PostProcessed",
     "available_kinds",
+    "feature_stats_terms",
     "get_kind",
     "integrated_gradients",
     "l2_sensitivity",

@@ -3,12 +3,14 @@
 A kind is a pair of pure functions: ``contribute`` turns a model and a site's records
 into a :class:`Contribution` (a sum of per-record terms, each clipped to the declared L2
 bound, plus the record count), and ``postprocess`` turns the noised sum over all sites
-into released values.
+into released values. A third, ``coordinate_labels``, names the coordinates of the sum
+from the public encoding alone, so the coordinator can size a round before any site
+computes anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +68,14 @@ ContributeFn = Callable[[nn.Module, np.ndarray, np.ndarray, Mapping[str, str], f
 PostprocessFn = Callable[
     [np.ndarray, float, float, tuple[str, ...], Mapping[str, str]], PostProcessed
 ]
+LabelsFn = Callable[[Sequence[str], Mapping[str, Sequence[int]]], tuple[str, ...]]
+
+
+def _one_per_encoded_column(
+    encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]]
+) -> tuple[str, ...]:
+    del groups  # one coordinate per encoded column, whatever feature it belongs to
+    return tuple(encoded_names)
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,18 @@ class ExplanationKind:
 
     ``contribute(model, features (n, d), labels (n,), params, clip_bound)`` and
     ``postprocess(noised_sum (length,), noise_std, clip_bound, labels, params)``.
+
+    ``coordinate_labels(encoded_names, groups)`` names the coordinates of a
+    contribution (the count coordinate excluded) from the encoder's public column
+    names and its feature -> columns groups; a round's ``labels`` are exactly these and
+    its ``length`` is one more. By default there is one coordinate per encoded column,
+    named as the column.
     """
 
     name: str
     contribute: ContributeFn
     postprocess: PostprocessFn
+    coordinate_labels: LabelsFn = _one_per_encoded_column
 
 
 _KINDS: dict[str, ExplanationKind] = {}

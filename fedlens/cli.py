@@ -71,7 +71,7 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
 def _release_table(release: Release, top: int) -> Table:
     table = Table(title=f"release {release.release_id} ({release.kind})")
     table.add_column("feature")
-    table.add_column("mean attribution", justify="right")
+    table.add_column("released value", justify="right")
     table.add_column("noise std", justify="right")
     for v in release.grouped[:top] or release.values[:top]:
         table.add_row(v.name, f"{v.value:+.4f}", f"{v.noise_std:.4f}")

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,9 +22,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from client.training import evaluate
+from explain import get_kind
 from fedlens import wire
-from fedlens.datasets import load_dataset
-from fedlens.errors import DropoutError, FedlensError, ProtocolError
+from fedlens.datasets import Preprocessor, load_dataset
+from fedlens.errors import ConfigurationError, DropoutError, FedlensError, ProtocolError
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
 from fedlens.status_codes import error_from_rpc
@@ -33,7 +34,7 @@ from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
 from privacy import FixedPointCodec
 from server.polling_grid import PollingGrid
 
-__all__ = ["app"]
+__all__ = ["app", "explanation_round_spec", "run_explanation_round"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,21 +113,26 @@ def _await_round(
         time.sleep(0.2)
 
 
-def run_explanation_round(
-    grid: Grid,
-    run: RunConfig,
-    arrays: ArrayRecord,
-    nodes: list[int],
-    log: SiteLog,
-) -> RoundStatus:
-    """Open a round at the aggregator, ask every site to contribute, await the release."""
-    dataset = load_dataset(run.dataset, seed=run.seed)
-    pre = dataset.preprocessor
-    names = [log.names.get(n, f"node-{n}") for n in nodes]
-    # Each coordinate of a site's sum is at most records * clip; noise adds far less
-    # than the headroom of FixedPointCodec.choose.
+def explanation_round_spec(
+    run: RunConfig, pre: Preprocessor, site_ids: Sequence[str], *, round_id: str
+) -> RoundSpec:
+    """The round the coordinator opens for ``run.explain_kind`` over ``site_ids``.
+
+    The kind names the coordinates of its sum from the public encoding
+    (``coordinate_labels``), so ``labels`` and ``length = len(labels) + 1`` fit every
+    kind, whatever its number of coordinates per encoded column.
+
+    Raises
+    ------
+    ConfigurationError
+        ``run.explain_kind`` names no registered kind.
+    """
+    labels = get_kind(run.explain_kind).coordinate_labels(pre.encoded_names, pre.groups)
+    # Every kind clips each record's term to L2 norm clip, so each coordinate of a
+    # site's sum is at most records * clip; noise adds far less than the headroom of
+    # FixedPointCodec.choose.
     codec = FixedPointCodec.choose(
-        num_sites=len(nodes),
+        num_sites=len(site_ids),
         max_abs=MAX_RECORDS_PER_SITE * run.attribution_clip,
         precision=PRECISION,
     )
@@ -142,18 +148,41 @@ def run_explanation_round(
         "epsilon": repr(run.explain_epsilon),
         "delta": repr(run.explain_delta),
     }
-    spec = RoundSpec(
-        round_id=uuid.uuid4().hex,
+    return RoundSpec(
+        round_id=round_id,
         kind=run.explain_kind,
-        site_ids=tuple(names),
-        length=pre.dimension + 1,
+        site_ids=tuple(site_ids),
+        length=len(labels) + 1,
         bits=codec.bits,
         scale=codec.scale,
         clip_bound=run.attribution_clip,
-        labels=tuple(pre.encoded_names),
+        labels=labels,
         phase_timeout_s=run.phase_timeout_s,
         params=params,
     )
+
+
+def run_explanation_round(
+    grid: Grid,
+    run: RunConfig,
+    arrays: ArrayRecord,
+    nodes: list[int],
+    log: SiteLog,
+) -> RoundStatus:
+    """Open a round at the aggregator, ask every site to contribute, await the release."""
+    dataset = load_dataset(run.dataset, seed=run.seed)
+    names = [log.names.get(n, f"node-{n}") for n in nodes]
+    round_id = uuid.uuid4().hex
+    try:
+        spec = explanation_round_spec(run, dataset.preprocessor, names, round_id=round_id)
+    except ConfigurationError as exc:
+        logger.warning("explanation round not opened: %s", exc)
+        return RoundStatus(
+            round_id=round_id,
+            phase=RoundPhase.ABORTED,
+            reason=f"refused before any site was asked: {exc}",
+        )
+    params = dict(spec.params)
     with grpc.insecure_channel(run.aggregator) as channel:
         stub = aggregation_pb2_grpc.AggregationStub(channel)
         report_ledgers(stub, log)

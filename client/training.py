@@ -60,19 +60,19 @@ layer's inputs and output gradients, then a second backward pass of the clipped 
 
 GRAD_SAMPLE_MODES: Final[tuple[GradSampleMode, ...]] = get_args(GradSampleMode)
 
-DEFAULT_GRAD_SAMPLE_MODE: Final[GradSampleMode] = "ghost"
-"""Ghost clipping: the fastest mode in ``python -m benchmarks.dpsgd`` on a machine with 2
-cores (1 torch thread, other work sharing the machine; MLP on the 32,561 Adult training
-records, batch 256, 128 Poisson steps, median of 7 interleaved epochs): 0.342 s per
-epoch against 0.123 s for plain SGD on the same loader (2.78x); ExpandedWeights ("ew")
-0.359 s (2.92x), hooks 0.459 s (3.73x), functorch 0.775 s (6.31x). Ghost and ew are
-within run-to-run noise of each other (ew came first in four of six earlier runs, one of
-them with the logistic model); ghost also never holds per-record gradients, only their
-norms, so its memory grows with the layer widths rather than the parameter count.
+DEFAULT_GRAD_SAMPLE_MODE: Final[GradSampleMode] = "ew"
+"""torch's ExpandedWeights: the fastest mode in six of nine runs of
+``python -m benchmarks.dpsgd`` on a machine with 2 cores (1 torch thread; MLP on the
+32,561 Adult training records, batch 256, 128 Poisson steps, median of 5 to 7
+interleaved epochs). In the last run, on an otherwise idle machine: plain SGD 0.123 s per
+epoch; ew 0.329 s (2.68x), ghost clipping 0.343 s (2.79x), hooks 0.351 s (2.86x),
+functorch 0.673 s (5.48x). Ghost clipping came first in the other three runs and is
+within run-to-run noise of ew; it never holds per-record gradients, only their norms, so
+it is the better choice once models grow.
 
-No mode reaches 1.5x plain SGD for models this small: DP-SGD adds about 1.7 ms of fixed
-per-layer work to each step (Opacus's hooks, ghost clipping's second backward pass,
-clipping and noise), where a whole plain step, loading included, takes about 1 ms."""
+No mode reaches 1.5x plain SGD for models this small: DP-SGD adds about 1.5 ms of fixed
+per-layer work to each step (per-sample gradients, clipping and noise), where a whole
+plain step, loading included, takes about 1 ms."""
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,13 @@ def contribute_explanation(
     rng: NoiseSource,
     now: datetime,
     connect: Callable[[str], AggregationClient] = AggregationClient,
+    sensitive: Mapping[str, np.ndarray] | None = None,
 ) -> ExplainOutcome:
     """Compute, clip, noise, account, encode, mask and submit this site's contribution.
+
+    ``sensitive`` (attribute -> ``(n,)`` raw values of the site's records) is handed to
+    the kind's ``contribute`` for kinds that break results down by sensitive group; like
+    the features, it reaches the aggregator only inside the clipped, noised, masked sum.
 
     The spend is recorded only once every site of the round has advertised its key, so
     a round that never gathers its sites costs nobody anything; it is recorded before
@@ -134,6 +139,7 @@ def contribute_explanation(
                 model,
                 features,
                 labels,
+                sensitive,
                 ledger,
                 store,
                 rng,
@@ -166,6 +172,7 @@ def _contribute(
     model: nn.Module,
     features: np.ndarray,
     labels: np.ndarray,
+    sensitive: Mapping[str, np.ndarray] | None,
     ledger: PrivacyLedger,
     store: LedgerStore,
     rng: NoiseSource,
@@ -175,7 +182,9 @@ def _contribute(
     client.advertise(
         KeyAdvertisement(round_id=request.round_id, site_id=site_id, public_key=keys.public_bytes)
     )
-    contribution = kind.contribute(model, features, labels, request.params, request.clip_bound)
+    contribution = kind.contribute(
+        model, features, labels, request.params, request.clip_bound, sensitive
+    )
     peers = client.wait_for_peers(
         request.round_id,
         site_id,

@@ -223,4 +223,5 @@ class Site:
             store=store,
             rng=rng or SecureRandom(),
             now=now,
+            sensitive=data.sensitive,
         )

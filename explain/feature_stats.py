@@ -341,8 +341,10 @@ def _contribute(
     labels: np.ndarray,
     params: Mapping[str, str],
     clip_bound: float,
+    /,
+    sensitive: Mapping[str, np.ndarray] | None = None,
 ) -> Contribution:
-    del model, labels  # statistics of the inputs alone
+    del model, labels, sensitive  # statistics of the inputs alone
     if features.ndim != 2:
         raise ExplanationError(f"features must be (n, d), got shape {features.shape}")
     layout = FeatureLayout.from_params(params, dimension=features.shape[1])

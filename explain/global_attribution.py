@@ -89,8 +89,10 @@ def _contribute(
     labels: np.ndarray,
     params: Mapping[str, str],
     clip_bound: float,
+    /,
+    sensitive: Mapping[str, np.ndarray] | None = None,
 ) -> Contribution:
-    del labels  # attributions explain the prediction, whatever the record's label
+    del labels, sensitive  # attributions explain the prediction, whatever the record's label
     n_steps = int(params.get("n_steps", DEFAULT_STEPS))
     names = (
         tuple(json.loads(params["feature_names"]))

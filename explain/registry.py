@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from torch import nn
@@ -64,7 +65,26 @@ class PostProcessed:
     grouped: tuple[ReleasedValue, ...]
 
 
-ContributeFn = Callable[[nn.Module, np.ndarray, np.ndarray, Mapping[str, str], float], Contribution]
+class ContributeFn(Protocol):
+    """``contribute(model, features, labels, params, clip_bound, sensitive=None)``.
+
+    ``sensitive`` maps each sensitive attribute the site holds to its records' raw
+    values, ``(n,)`` each (:attr:`fedlens.datasets.SiteData.sensitive`); it never leaves
+    the site except through the clipped term. Kinds that do not need it ignore it.
+    """
+
+    def __call__(
+        self,
+        model: nn.Module,
+        features: np.ndarray,
+        labels: np.ndarray,
+        params: Mapping[str, str],
+        clip_bound: float,
+        /,
+        sensitive: Mapping[str, np.ndarray] | None = None,
+    ) -> Contribution: ...
+
+
 PostprocessFn = Callable[
     [np.ndarray, float, float, tuple[str, ...], Mapping[str, str]], PostProcessed
 ]
@@ -82,7 +102,8 @@ def _one_per_encoded_column(
 class ExplanationKind:
     """A registered explanation kind.
 
-    ``contribute(model, features (n, d), labels (n,), params, clip_bound)`` and
+    ``contribute(model, features (n, d), labels (n,), params, clip_bound, sensitive)``
+    (``sensitive``: attribute -> ``(n,)`` raw values, or ``None``) and
     ``postprocess(noised_sum (length,), noise_std, clip_bound, labels, params)``.
 
     ``coordinate_labels(encoded_names, groups)`` names the coordinates of a

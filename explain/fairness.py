@@ -561,13 +561,10 @@ def _postprocess(
 
 
 def _coordinate_labels(
-    encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]]
+    encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]], params: Mapping[str, str]
 ) -> tuple[str, ...]:
-    del encoded_names, groups
-    raise ConfigurationError(
-        "fairness coordinates depend on the round's parameters (sensitive attributes and "
-        "their categories): size the round with FairnessLayout.from_params(params)"
-    )
+    del groups
+    return FairnessLayout.from_params(params, dimension=len(encoded_names)).coordinate_labels
 
 
 FAIRNESS = register_kind(

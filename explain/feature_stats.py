@@ -438,8 +438,9 @@ def _project_frequencies(raw: np.ndarray) -> np.ndarray:
 
 
 def _coordinate_labels(
-    encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]]
+    encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]], params: Mapping[str, str]
 ) -> tuple[str, ...]:
+    del params  # the layout is the public encoding's alone
     return FeatureLayout.from_groups(encoded_names, groups).coordinate_labels
 
 

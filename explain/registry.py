@@ -88,13 +88,15 @@ class ContributeFn(Protocol):
 PostprocessFn = Callable[
     [np.ndarray, float, float, tuple[str, ...], Mapping[str, str]], PostProcessed
 ]
-LabelsFn = Callable[[Sequence[str], Mapping[str, Sequence[int]]], tuple[str, ...]]
+LabelsFn = Callable[
+    [Sequence[str], Mapping[str, Sequence[int]], Mapping[str, str]], tuple[str, ...]
+]
 
 
 def _one_per_encoded_column(
-    encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]]
+    encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]], params: Mapping[str, str]
 ) -> tuple[str, ...]:
-    del groups  # one coordinate per encoded column, whatever feature it belongs to
+    del groups, params  # one coordinate per encoded column, whatever feature it belongs to
     return tuple(encoded_names)
 
 
@@ -106,7 +108,7 @@ class ExplanationKind:
     (``sensitive``: attribute -> ``(n,)`` raw values, or ``None``) and
     ``postprocess(noised_sum (length,), noise_std, clip_bound, labels, params)``.
 
-    ``coordinate_labels(encoded_names, groups)`` names the coordinates of a
+    ``coordinate_labels(encoded_names, groups, params)`` names the coordinates of a
     contribution (the count coordinate excluded) from the encoder's public column
     names and its feature -> columns groups; a round's ``labels`` are exactly these and
     its ``length`` is one more. By default there is one coordinate per encoded column,

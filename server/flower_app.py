@@ -127,7 +127,6 @@ def explanation_round_spec(
     ConfigurationError
         ``run.explain_kind`` names no registered kind.
     """
-    labels = get_kind(run.explain_kind).coordinate_labels(pre.encoded_names, pre.groups)
     # Every kind clips each record's term to L2 norm clip, so each coordinate of a
     # site's sum is at most records * clip; noise adds far less than the headroom of
     # FixedPointCodec.choose.
@@ -147,7 +146,16 @@ def explanation_round_spec(
         # The coordinator checks every site's mirrored ledger against this release.
         "epsilon": repr(run.explain_epsilon),
         "delta": repr(run.explain_delta),
+        # Public category lists of the sensitive features (the fairness kind's groups).
+        "sensitive": json.dumps(
+            {
+                spec.name: list(spec.categories or ())
+                for spec in pre.schema.features
+                if spec.sensitive
+            }
+        ),
     }
+    labels = get_kind(run.explain_kind).coordinate_labels(pre.encoded_names, pre.groups, params)
     return RoundSpec(
         round_id=round_id,
         kind=run.explain_kind,

@@ -26,8 +26,10 @@ from explain.fairness import interval
 from fedlens.datasets import Preprocessor, SiteData, load_dataset
 from fedlens.datasets.synthetic import SYNTHETIC_WEIGHTS
 from fedlens.errors import ConfigurationError
+from fedlens.runconfig import RunConfig
 from fedlens.types import ReleasedValue
 from privacy import SeededRandom, gaussian_noise_multiplier
+from server.flower_app import explanation_round_spec
 
 KIND = get_kind("fairness")
 GROUP = {"group": ["A", "B"]}
@@ -288,10 +290,16 @@ def test_bad_parameters_are_refused_with_the_problem_named(
         )
 
 
-def test_the_coordinator_cannot_size_a_fairness_round_without_its_parameters() -> None:
+def test_the_coordinator_sizes_a_fairness_round_from_the_public_schema() -> None:
     pre = load_dataset("synthetic_hospitals").preprocessor
-    with pytest.raises(ConfigurationError, match=r"FairnessLayout\.from_params"):
-        KIND.coordinate_labels(pre.encoded_names, pre.groups)
+    with pytest.raises(ConfigurationError, match="sensitive"):
+        KIND.coordinate_labels(pre.encoded_names, pre.groups, {})
+    run = RunConfig(dataset="synthetic_hospitals", explain_kind="fairness")
+    spec = explanation_round_spec(run, pre, ("a", "b", "c"), round_id="r")
+    assert json.loads(spec.params["sensitive"]) == {"group": ["A", "B"]}
+    layout = FairnessLayout.from_params(spec.params, labels=spec.labels)
+    assert spec.length == len(layout.coordinate_labels) + 1
+    assert "group=B:tp" in spec.labels
     # A round sized without attributions does not fit parameters that ask for them.
     counts_only = params_of(GROUP, attribution="false")
     labels = FairnessLayout.from_params(counts_only).coordinate_labels

@@ -57,7 +57,7 @@ def by_name(values: tuple[ReleasedValue, ...]) -> dict[str, ReleasedValue]:
 def release(
     vector: np.ndarray, noise_std: float, clip: float, pre: Preprocessor
 ) -> dict[str, ReleasedValue]:
-    labels = KIND.coordinate_labels(pre.encoded_names, pre.groups)
+    labels = KIND.coordinate_labels(pre.encoded_names, pre.groups, {})
     post = KIND.postprocess(
         vector, noise_std, clip, labels, params_of(pre.encoded_names, pre.groups)
     )
@@ -90,7 +90,11 @@ def test_without_noise_the_release_is_numpys_statistics_of_the_pooled_data(datas
         assert released[name].value == pytest.approx(expected, rel=1e-9, abs=1e-12), name
         assert released[name].noise_std == 0.0
     post = KIND.postprocess(
-        np.asarray(total), 0.0, clip, KIND.coordinate_labels(pre.encoded_names, pre.groups), params
+        np.asarray(total),
+        0.0,
+        clip,
+        KIND.coordinate_labels(pre.encoded_names, pre.groups, {}),
+        params,
     )
     assert post.noised_count == pytest.approx(pooled.shape[0])
     # Means and frequencies in column order are the attribution baseline.
@@ -104,7 +108,7 @@ def test_missing_categories_keep_their_share_and_columns_without_groups_are_nume
     x = np.array([[0.2, 1, 0], [0.4, 0, 1], [0.6, 0, 0], [0.8, 1, 0]])
     params = params_of(names, groups)
     vector = KIND.contribute(NO_MODEL, x, NO_LABELS, params, 1.0).vector
-    labels = KIND.coordinate_labels(names, groups)
+    labels = KIND.coordinate_labels(names, groups, {})
     assert labels == ("size", "colour=red", "colour=blue", "size^2")
     got = by_name(KIND.postprocess(vector, 0.0, 1.0, labels, params).values)
     assert [got[f"colour={c}:freq"].value for c in ("red", "blue")] == pytest.approx([0.5, 0.25])
@@ -121,7 +125,7 @@ def test_missing_categories_keep_their_share_and_columns_without_groups_are_nume
 def test_noised_moments_are_projected_back_onto_what_data_can_have() -> None:
     names = ("size", "colour=red", "colour=blue")
     groups = {"size": (0,), "colour": (1, 2)}
-    params, labels = params_of(names, groups), KIND.coordinate_labels(names, groups)
+    params, labels = params_of(names, groups), KIND.coordinate_labels(names, groups, {})
     bound = FeatureLayout.from_groups(names, groups).term_bound
 
     def post(means: list[float], noise_std: float = 0.0) -> dict[str, ReleasedValue]:
@@ -231,7 +235,7 @@ def test_released_noise_stds_match_the_spread_over_repeated_noisings(
         ]
     ).astype(np.float64)
     params = params_of(names, groups)
-    labels = KIND.coordinate_labels(names, groups)
+    labels = KIND.coordinate_labels(names, groups, {})
     clip = 2.0
     vector = KIND.contribute(NO_MODEL, x, NO_LABELS, params, clip).vector
     sigma = 9.0  # per coordinate, as if several sites' noise were summed
@@ -315,7 +319,7 @@ def test_bad_parameters_are_refused_with_the_problem_named(
 def test_postprocess_refuses_labels_that_are_not_its_own() -> None:
     groups = {"age": (0,), "sex": (1, 2)}
     params = params_of(NAMES, groups)
-    good = KIND.coordinate_labels(NAMES, groups)
+    good = KIND.coordinate_labels(NAMES, groups, {})
     KIND.postprocess(np.zeros(len(good) + 1), 0.0, 1.0, good, params)
     # The labels of global_attribution (one per encoded column) lack the squares.
     with pytest.raises(ConfigurationError, match="round labels do not match"):
@@ -367,7 +371,7 @@ def test_three_sites_release_the_pooled_statistics_through_secure_aggregation(
     ds = load_dataset(run.dataset, seed=run.seed)
     pre = ds.preprocessor
     spec = explanation_round_spec(run, pre, sites, round_id="fs-1")
-    assert spec.labels == KIND.coordinate_labels(pre.encoded_names, pre.groups)
+    assert spec.labels == KIND.coordinate_labels(pre.encoded_names, pre.groups, {})
     assert spec.length == pre.dimension + 9 + 1  # nine numeric features
     # global_attribution's round is sized as before: one coordinate per encoded column.
     attribution = explanation_round_spec(

@@ -7,6 +7,7 @@
     fedlens query releases          list releases (through the Query service)
     fedlens query show ID           one release, its top features and privacy costs
     fedlens query budgets           every site's budget and spend, as the coordinator mirrors it
+    fedlens explain --input FILE    explain one input (a JSON object of raw feature values)
     fedlens plan                    split a site budget between training and releases
     fedlens client budget           a site's ledger: budget, spend history, what is left
 
@@ -32,7 +33,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from fedlens.cli_privacy import add_privacy_commands
-from fedlens.errors import FedlensError
+from fedlens.errors import ConfigurationError, FedlensError
 from fedlens.runconfig import validation_message
 from fedlens.settings import Settings
 from fedlens.types import Release
@@ -134,6 +135,66 @@ def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
 
+def _read_record(path: str) -> dict[str, str]:
+    """A JSON object of raw feature values, as text for the wire (numbers in decimal)."""
+    try:
+        with (
+            open(path, encoding="utf-8")
+            if path != "-"
+            else contextlib.nullcontext(sys.stdin) as handle
+        ):
+            data = json.load(handle)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read --input {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"--input {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(
+            f"--input {path} must hold a JSON object of feature values, got {type(data).__name__}"
+        )
+    record: dict[str, str] = {}
+    for name, value in data.items():
+        if isinstance(value, str):
+            record[name] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            record[name] = json.dumps(value)
+        else:
+            raise ConfigurationError(
+                f"feature {name!r}: expected a number or a category name, got {value!r}"
+            )
+    return record
+
+
+def _cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
+    from fedlens.query_client import QueryClient
+
+    record = _read_record(args.input)
+    with QueryClient(args.address or settings.aggregator_address) as client:
+        result = client.explain_input(record, model_id=args.model_id, top=args.top)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    console.print(result.card)
+    table = Table(title=f"attributions (relative to the {result.baseline} baseline)")
+    table.add_column("feature")
+    table.add_column("value")
+    table.add_column("attribution", justify="right")
+    for a in result.attributions:
+        table.add_row(a.feature, a.value, f"{a.attribution:+.4f}")
+    console.print(table)
+    if result.changes:
+        changes = Table(title=f"counterfactual: {result.counterfactual_label}")
+        for col in ("feature", "from", "to"):
+            changes.add_column(col)
+        for c in result.changes:
+            changes.add_row(c.feature, c.original, c.proposed)
+        console.print(changes)
+    elif result.counterfactual_note:
+        console.print(result.counterfactual_note)
+    console.print(f"model {result.model_id}; method {result.method}; no privacy spent")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from server.demo import DemoOptions, run_demo
 
@@ -199,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budgets.add_argument("--site", default="", help="only this site")
     query.set_defaults(func=_cmd_query)
+
+    explain = sub.add_parser(
+        "explain", parents=[common], help="explain one input with the global model"
+    )
+    explain.add_argument(
+        "--input",
+        required=True,
+        help="JSON file with an object of raw feature values (- reads stdin)",
+    )
+    explain.add_argument("--model-id", default="", help="a stored model (default: the latest)")
+    explain.add_argument("--top", type=int, default=0, help="attributions to show (0: all)")
+    explain.set_defaults(func=_cmd_explain)
     add_privacy_commands(sub)
     return parser
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 
 from fedlens import wire
 from fedlens.status_codes import error_from_rpc
-from fedlens.types import Release, ReleaseSummary, SiteLedger
+from fedlens.types import InputExplanation, Release, ReleaseSummary, SiteLedger
 from fedlens.v1 import query_pb2, query_pb2_grpc
 
 __all__ = ["QueryClient"]
@@ -59,6 +59,21 @@ class QueryClient:
         """Every site's ledger as the coordinator mirrors it, with its composed ε."""
         reply = self._call(self._stub.ListBudgets, query_pb2.ListBudgetsRequest(site_id=site_id))
         return [wire.site_ledger_from_proto(ledger) for ledger in reply.ledgers]
+
+    def explain_input(
+        self, record: Mapping[str, str], *, model_id: str = "", top: int = 0
+    ) -> InputExplanation:
+        """Explain one input (raw values as text) with the coordinator's global model.
+
+        Raises
+        ------
+        IntegrityError
+            The server refused the record (INVALID_ARGUMENT); the message names the feature.
+        NotFoundError
+            No such model, or none stored yet.
+        """
+        request = wire.explain_input_request_to_proto(record, model_id=model_id, top=top)
+        return wire.input_explanation_from_proto(self._call(self._stub.ExplainInput, request))
 
     def _call(self, method: Callable[..., _Reply], request: Any) -> _Reply:
         try:

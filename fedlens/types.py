@@ -14,6 +14,9 @@ import numpy as np
 from privacy.ledger import LedgerEvent
 
 __all__ = [
+    "FeatureAttribution",
+    "FeatureChange",
+    "InputExplanation",
     "KeyAdvertisement",
     "MaskedSubmission",
     "PrivacyCost",
@@ -204,3 +207,53 @@ class SiteLedger:
             raise ConfigurationError(f"site ledger lacks the field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"invalid site ledger: {exc}") from None
+
+
+@dataclass(frozen=True)
+class FeatureAttribution:
+    """One original feature of an explained input: its raw value and attribution."""
+
+    feature: str
+    value: str
+    attribution: float
+
+
+@dataclass(frozen=True)
+class FeatureChange:
+    """One change a counterfactual proposes, as raw values."""
+
+    feature: str
+    original: str
+    proposed: str
+
+
+@dataclass(frozen=True)
+class InputExplanation:
+    """The explanation of one analyst's input by the global model; costs no privacy.
+
+    Attributes
+    ----------
+    probability
+        Probability the model gives ``predicted_label``.
+    attributions
+        Per original feature, by decreasing magnitude; positive pushes towards the
+        dataset's positive class.
+    changes
+        A counterfactual: changes that flip the prediction (empty if none was found,
+        and ``counterfactual_note`` says why).
+    baseline
+        What the attributions are relative to and where the counterfactual ranges come
+        from: ``"feature_stats release ID"`` or ``"schema"``.
+    """
+
+    model_id: str
+    predicted_label: str
+    probability: float
+    attributions: tuple[FeatureAttribution, ...]
+    changes: tuple[FeatureChange, ...]
+    counterfactual_label: str
+    counterfactual_probability: float
+    counterfactual_note: str
+    card: str
+    baseline: str
+    method: str

@@ -7,10 +7,15 @@ enum values); range checks belong to the handlers that know the round.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from fedlens.errors import ConfigurationError, IntegrityError
 from fedlens.types import (
+    FeatureAttribution,
+    FeatureChange,
+    InputExplanation,
     KeyAdvertisement,
     MaskedSubmission,
     PrivacyCost,
@@ -26,6 +31,10 @@ from fedlens.v1 import aggregation_pb2, common_pb2, query_pb2
 from privacy.ledger import LedgerEvent
 
 __all__ = [
+    "explain_input_request_from_proto",
+    "explain_input_request_to_proto",
+    "input_explanation_from_proto",
+    "input_explanation_to_proto",
     "key_advertisement_from_proto",
     "key_advertisement_to_proto",
     "ledger_event_from_proto",
@@ -264,4 +273,63 @@ def site_ledger_from_proto(msg: common_pb2.SiteLedger) -> SiteLedger:
         events=tuple(ledger_event_from_proto(event) for event in msg.events),
         epsilon_spent=msg.epsilon_spent,
         accountant=msg.accountant,
+    )
+
+
+def explain_input_request_to_proto(
+    record: Mapping[str, str], *, model_id: str = "", top: int = 0
+) -> query_pb2.ExplainInputRequest:
+    return query_pb2.ExplainInputRequest(record=dict(record), model_id=model_id, top=top)
+
+
+def explain_input_request_from_proto(
+    msg: query_pb2.ExplainInputRequest,
+) -> tuple[dict[str, str], str, int]:
+    """``(record, model_id, top)`` of a request."""
+    return dict(msg.record), msg.model_id, msg.top
+
+
+def input_explanation_to_proto(explanation: InputExplanation) -> query_pb2.ExplainInputResponse:
+    return query_pb2.ExplainInputResponse(
+        model_id=explanation.model_id,
+        predicted_label=explanation.predicted_label,
+        probability=explanation.probability,
+        attributions=[
+            query_pb2.FeatureAttribution(
+                feature=a.feature, value=a.value, attribution=a.attribution
+            )
+            for a in explanation.attributions
+        ],
+        changes=[
+            query_pb2.FeatureChange(feature=c.feature, original=c.original, proposed=c.proposed)
+            for c in explanation.changes
+        ],
+        counterfactual_label=explanation.counterfactual_label,
+        counterfactual_probability=explanation.counterfactual_probability,
+        counterfactual_note=explanation.counterfactual_note,
+        card=explanation.card,
+        baseline=explanation.baseline,
+        method=explanation.method,
+    )
+
+
+def input_explanation_from_proto(msg: query_pb2.ExplainInputResponse) -> InputExplanation:
+    return InputExplanation(
+        model_id=msg.model_id,
+        predicted_label=msg.predicted_label,
+        probability=msg.probability,
+        attributions=tuple(
+            FeatureAttribution(feature=a.feature, value=a.value, attribution=a.attribution)
+            for a in msg.attributions
+        ),
+        changes=tuple(
+            FeatureChange(feature=c.feature, original=c.original, proposed=c.proposed)
+            for c in msg.changes
+        ),
+        counterfactual_label=msg.counterfactual_label,
+        counterfactual_probability=msg.counterfactual_probability,
+        counterfactual_note=msg.counterfactual_note,
+        card=msg.card,
+        baseline=msg.baseline,
+        method=msg.method,
     )

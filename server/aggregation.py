@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 import numpy as np
@@ -26,6 +26,7 @@ from fedlens.errors import (
     UnknownRoundError,
 )
 from fedlens.types import (
+    InputExplanation,
     KeyAdvertisement,
     MaskedSubmission,
     Release,
@@ -37,6 +38,7 @@ from fedlens.types import (
 )
 from privacy import FixedPointCodec, LedgerEvent, PrivacyLedger, gaussian_noise_multiplier
 from privacy.aggregation_round import AggregationRound
+from server.input_explanation import explain_stored_input
 from server.storage import Store
 
 __all__ = ["Aggregator", "QueryHandler"]
@@ -332,6 +334,16 @@ class QueryHandler:
             _with_epsilon(m, PrivacyLedger(m.budget_epsilon, m.delta, m.events))
             for m in self._store.site_ledgers(site_id=site_id)
         ]
+
+    def explain_input(
+        self, record: Mapping[str, str], *, model_id: str = "", top: int = 0
+    ) -> InputExplanation:
+        """Explain one input with a stored global model (the latest if ``model_id`` is empty).
+
+        Uses the model and the latest fitting ``feature_stats`` release only: no privacy
+        is spent. See :func:`server.input_explanation.explain_stored_input`.
+        """
+        return explain_stored_input(self._store, record, model_id=model_id, top=top)
 
 
 def _with_epsilon(ledger: SiteLedger, composed: PrivacyLedger) -> SiteLedger:

@@ -104,6 +104,13 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
             ledgers=[wire.site_ledger_to_proto(ledger) for ledger in ledgers]
         )
 
+    def ExplainInput(  # noqa: N802
+        self, request: query_pb2.ExplainInputRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ExplainInputResponse:
+        record, model_id, top = wire.explain_input_request_from_proto(request)
+        explanation = self._handler.explain_input(record, model_id=model_id, top=top)
+        return wire.input_explanation_to_proto(explanation)
+
 
 @dataclass
 class RunningServer:

@@ -1,4 +1,5 @@
-"""The coordinator's store: rounds, releases with their privacy costs, and an audit log.
+"""The coordinator's store: rounds, releases with their privacy costs, trained global
+models, and an audit log.
 
 SQLAlchemy 2 over a SQLite file by default; any SQLAlchemy URL (PostgreSQL) works. The
 store never holds a site's vector, masked or not: only round metadata, released
@@ -7,17 +8,22 @@ store never holds a site's vector, masked or not: only round metadata, released
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import io
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import torch
 from sqlalchemy import (
     JSON,
     DateTime,
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -39,7 +45,7 @@ from fedlens.types import (
 )
 from privacy import LedgerEvent
 
-__all__ = ["AuditEntry", "Store"]
+__all__ = ["AuditEntry", "Store", "StoredModel"]
 
 
 class _Base(DeclarativeBase):
@@ -123,6 +129,45 @@ class _SiteLedgerEventRow(_Base):
     steps: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(64))
+
+
+class _ModelRow(_Base):
+    """A trained global model: its weights as ``torch.save`` bytes of the state dict."""
+
+    __tablename__ = "models"
+
+    model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    dataset: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    params: Mapped[dict[str, str]] = mapped_column(JSON)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredModel:
+    """A trained global model read back from the store.
+
+    Attributes
+    ----------
+    model_id
+        Its id in the store.
+    created_at
+        RFC 3339 time it was stored.
+    dataset, model
+        Registry names of its dataset and architecture (:func:`fedlens.models.build_model`).
+    state
+        Its ``state_dict``, tensors on the CPU.
+    params
+        What it was trained with (seed, rounds, ε, ...), as strings.
+    """
+
+    model_id: str
+    created_at: str
+    dataset: str
+    model: str
+    state: Mapping[str, torch.Tensor]
+    params: Mapping[str, str]
 
 
 class AuditEntry:
@@ -345,6 +390,65 @@ class Store:
                 for row in s.scalars(query)
             ]
 
+    # -- trained models ------------------------------------------------------------
+
+    def save_model(
+        self,
+        *,
+        dataset: str,
+        model: str,
+        state: Mapping[str, torch.Tensor],
+        now: datetime,
+        params: Mapping[str, str] | None = None,
+        model_id: str = "",
+    ) -> str:
+        """Store a trained global model's weights; returns its id (a new one if empty).
+
+        The global model is the output of DP-SGD training, so storing and serving it
+        costs no further privacy.
+        """
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+        model_id = model_id or uuid.uuid4().hex
+        with self._session() as s:
+            s.add(
+                _ModelRow(
+                    model_id=model_id,
+                    created_at=now,
+                    dataset=dataset,
+                    model=model,
+                    state=buffer.getvalue(),
+                    params={str(k): str(v) for k, v in (params or {}).items()},
+                )
+            )
+        return model_id
+
+    def get_model(self, model_id: str) -> StoredModel:
+        """The stored model ``model_id``; :class:`NotFoundError` if there is none."""
+        with self._session() as s:
+            row = s.get(_ModelRow, model_id)
+            if row is None:
+                raise NotFoundError(f"no model {model_id!r}")
+            return _model_from_row(row)
+
+    def latest_model(self, *, dataset: str = "") -> StoredModel:
+        """The most recently stored model (of ``dataset``, if given).
+
+        Raises
+        ------
+        NotFoundError
+            No model is stored yet (training has not finished, or never stored one).
+        """
+        with self._session() as s:
+            query = select(_ModelRow).order_by(_ModelRow.created_at.desc()).limit(1)
+            if dataset:
+                query = query.where(_ModelRow.dataset == dataset)
+            row = s.scalars(query).first()
+            if row is None:
+                scope = f" for dataset {dataset!r}" if dataset else ""
+                raise NotFoundError(f"no trained model is stored{scope} yet")
+            return _model_from_row(row)
+
     # -- audit ---------------------------------------------------------------------
 
     def audit(
@@ -431,6 +535,23 @@ def _release_from_row(row: _ReleaseRow) -> Release:
             )
             for c in row.costs
         ),
+        params=dict(row.params),
+    )
+
+
+def _model_from_row(row: _ModelRow) -> StoredModel:
+    try:
+        state = torch.load(io.BytesIO(row.state), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise StorageError(f"model {row.model_id!r} has unreadable weights: {exc}") from exc
+    if not isinstance(state, dict):
+        raise StorageError(f"model {row.model_id!r} holds no state dict")
+    return StoredModel(
+        model_id=row.model_id,
+        created_at=_iso(row.created_at),
+        dataset=row.dataset,
+        model=row.model,
+        state=state,
         params=dict(row.params),
     )
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedlens.v1 import common_pb2 as fedlens_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64lens/v1/query.proto\x12\nfedlens.v1\x1a\x17\x66\x65\x64lens/v1/common.proto\"?\n\rReleasedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\"\xc6\x02\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x14\n\x0cnoised_count\x18\x05 \x01(\x01\x12)\n\x06values\x18\x06 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12*\n\x07grouped\x18\x07 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12&\n\x05\x63osts\x18\x08 \x03(\x0b\x32\x17.fedlens.v1.PrivacyCost\x12/\n\x06params\x18\t \x03(\x0b\x32\x1f.fedlens.v1.Release.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0eReleaseSummary\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x11\n\tnum_sites\x18\x05 \x01(\r\"2\n\x13ListReleasesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\"D\n\x14ListReleasesResponse\x12,\n\x08releases\x18\x01 \x03(\x0b\x32\x1a.fedlens.v1.ReleaseSummary\"\'\n\x11GetReleaseRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\"%\n\x12ListBudgetsRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\">\n\x13ListBudgetsResponse\x12\'\n\x07ledgers\x18\x01 \x03(\x0b\x32\x16.fedlens.v1.SiteLedger2\xec\x01\n\x05Query\x12Q\n\x0cListReleases\x12\x1f.fedlens.v1.ListReleasesRequest\x1a .fedlens.v1.ListReleasesResponse\x12@\n\nGetRelease\x12\x1d.fedlens.v1.GetReleaseRequest\x1a\x13.fedlens.v1.Release\x12N\n\x0bListBudgets\x12\x1e.fedlens.v1.ListBudgetsRequest\x1a\x1f.fedlens.v1.ListBudgetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64lens/v1/query.proto\x12\nfedlens.v1\x1a\x17\x66\x65\x64lens/v1/common.proto\"?\n\rReleasedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\"\xc6\x02\n\x07Release\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x14\n\x0cnoised_count\x18\x05 \x01(\x01\x12)\n\x06values\x18\x06 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12*\n\x07grouped\x18\x07 \x03(\x0b\x32\x19.fedlens.v1.ReleasedValue\x12&\n\x05\x63osts\x18\x08 \x03(\x0b\x32\x17.fedlens.v1.PrivacyCost\x12/\n\x06params\x18\t \x03(\x0b\x32\x1f.fedlens.v1.Release.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0eReleaseSummary\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x11\n\tnum_sites\x18\x05 \x01(\r\"2\n\x13ListReleasesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\"D\n\x14ListReleasesResponse\x12,\n\x08releases\x18\x01 \x03(\x0b\x32\x1a.fedlens.v1.ReleaseSummary\"\'\n\x11GetReleaseRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\"%\n\x12ListBudgetsRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\">\n\x13ListBudgetsResponse\x12\'\n\x07ledgers\x18\x01 \x03(\x0b\x32\x16.fedlens.v1.SiteLedger\"\xa0\x01\n\x13\x45xplainInputRequest\x12;\n\x06record\x18\x01 \x03(\x0b\x32+.fedlens.v1.ExplainInputRequest.RecordEntry\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0b\n\x03top\x18\x03 \x01(\r\x1a-\n\x0bRecordEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x12\x46\x65\x61tureAttribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x13\n\x0b\x61ttribution\x18\x03 \x01(\x01\"D\n\rFeatureChange\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x10\n\x08original\x18\x02 \x01(\t\x12\x10\n\x08proposed\x18\x03 \x01(\t\"\xc7\x02\n\x14\x45xplainInputResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x17\n\x0fpredicted_label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\x34\n\x0c\x61ttributions\x18\x04 \x03(\x0b\x32\x1e.fedlens.v1.FeatureAttribution\x12*\n\x07\x63hanges\x18\x05 \x03(\x0b\x32\x19.fedlens.v1.FeatureChange\x12\x1c\n\x14\x63ounterfactual_label\x18\x06 \x01(\t\x12\"\n\x1a\x63ounterfactual_probability\x18\x07 \x01(\x01\x12\x1b\n\x13\x63ounterfactual_note\x18\x08 \x01(\t\x12\x0c\n\x04\x63\x61rd\x18\t \x01(\t\x12\x10\n\x08\x62\x61seline\x18\n \x01(\t\x12\x0e\n\x06method\x18\x0b \x01(\t2\xbf\x02\n\x05Query\x12Q\n\x0cListReleases\x12\x1f.fedlens.v1.ListReleasesRequest\x1a .fedlens.v1.ListReleasesResponse\x12@\n\nGetRelease\x12\x1d.fedlens.v1.GetReleaseRequest\x1a\x13.fedlens.v1.Release\x12N\n\x0bListBudgets\x12\x1e.fedlens.v1.ListBudgetsRequest\x1a\x1f.fedlens.v1.ListBudgetsResponse\x12Q\n\x0c\x45xplainInput\x12\x1f.fedlens.v1.ExplainInputRequest\x1a .fedlens.v1.ExplainInputResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RELEASE_PARAMSENTRY']._loaded_options = None
   _globals['_RELEASE_PARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_EXPLAININPUTREQUEST_RECORDENTRY']._loaded_options = None
+  _globals['_EXPLAININPUTREQUEST_RECORDENTRY']._serialized_options = b'8\001'
   _globals['_RELEASEDVALUE']._serialized_start=63
   _globals['_RELEASEDVALUE']._serialized_end=126
   _globals['_RELEASE']._serialized_start=129
@@ -52,6 +54,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTBUDGETSREQUEST']._serialized_end=766
   _globals['_LISTBUDGETSRESPONSE']._serialized_start=768
   _globals['_LISTBUDGETSRESPONSE']._serialized_end=830
-  _globals['_QUERY']._serialized_start=833
-  _globals['_QUERY']._serialized_end=1069
+  _globals['_EXPLAININPUTREQUEST']._serialized_start=833
+  _globals['_EXPLAININPUTREQUEST']._serialized_end=993
+  _globals['_EXPLAININPUTREQUEST_RECORDENTRY']._serialized_start=948
+  _globals['_EXPLAININPUTREQUEST_RECORDENTRY']._serialized_end=993
+  _globals['_FEATUREATTRIBUTION']._serialized_start=995
+  _globals['_FEATUREATTRIBUTION']._serialized_end=1068
+  _globals['_FEATURECHANGE']._serialized_start=1070
+  _globals['_FEATURECHANGE']._serialized_end=1138
+  _globals['_EXPLAININPUTRESPONSE']._serialized_start=1141
+  _globals['_EXPLAININPUTRESPONSE']._serialized_end=1468
+  _globals['_QUERY']._serialized_start=1471
+  _globals['_QUERY']._serialized_end=1790
 # @@protoc_insertion_point(module_scope)

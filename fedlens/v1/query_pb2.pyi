@@ -252,3 +252,169 @@ class ListBudgetsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBudgetsResponse: _TypeAlias = ListBudgetsResponse  # noqa: Y015
+
+@_typing.final
+class ExplainInputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RecordEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """The stored model to use; empty means the latest one."""
+    top: _builtins.int
+    """At most this many attributions in the reply; 0 means all."""
+    @_builtins.property
+    def record(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Raw feature values by name, numbers written as decimal text (e.g. "age": "39")."""
+
+    def __init__(
+        self,
+        *,
+        record: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        model_id: _builtins.str = ...,
+        top: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "record", b"record", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainInputRequest: _TypeAlias = ExplainInputRequest  # noqa: Y015
+
+@_typing.final
+class FeatureAttribution(_message.Message):
+    """One original feature of the input: its raw value and its attribution to the logit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    value: _builtins.str
+    attribution: _builtins.float
+    """Positive pushes towards the dataset's positive class."""
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        value: _builtins.str = ...,
+        attribution: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "feature", b"feature", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureAttribution: _TypeAlias = FeatureAttribution  # noqa: Y015
+
+@_typing.final
+class FeatureChange(_message.Message):
+    """One change a counterfactual proposes, in raw values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    ORIGINAL_FIELD_NUMBER: _builtins.int
+    PROPOSED_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    original: _builtins.str
+    proposed: _builtins.str
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        original: _builtins.str = ...,
+        proposed: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "original", b"original", "proposed", b"proposed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureChange: _TypeAlias = FeatureChange  # noqa: Y015
+
+@_typing.final
+class ExplainInputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    PREDICTED_LABEL_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    ATTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    COUNTERFACTUAL_LABEL_FIELD_NUMBER: _builtins.int
+    COUNTERFACTUAL_PROBABILITY_FIELD_NUMBER: _builtins.int
+    COUNTERFACTUAL_NOTE_FIELD_NUMBER: _builtins.int
+    CARD_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    predicted_label: _builtins.str
+    probability: _builtins.float
+    """Probability the model gives predicted_label."""
+    counterfactual_label: _builtins.str
+    counterfactual_probability: _builtins.float
+    counterfactual_note: _builtins.str
+    card: _builtins.str
+    """Two or three plain-language sentences."""
+    baseline: _builtins.str
+    """What the attributions are relative to and where the counterfactual ranges come from:
+    "feature_stats release ID" or "schema" (midpoints and full public ranges).
+    """
+    method: _builtins.str
+    """The attribution method, e.g. "integrated_gradients"."""
+    @_builtins.property
+    def attributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureAttribution]:
+        """By decreasing magnitude."""
+
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureChange]:
+        """Changes that flip the prediction; empty if none was found (see counterfactual_note)."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        predicted_label: _builtins.str = ...,
+        probability: _builtins.float = ...,
+        attributions: _abc.Iterable[Global___FeatureAttribution] | None = ...,
+        changes: _abc.Iterable[Global___FeatureChange] | None = ...,
+        counterfactual_label: _builtins.str = ...,
+        counterfactual_probability: _builtins.float = ...,
+        counterfactual_note: _builtins.str = ...,
+        card: _builtins.str = ...,
+        baseline: _builtins.str = ...,
+        method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributions", b"attributions", "baseline", b"baseline", "card", b"card", "changes", b"changes", "counterfactual_label", b"counterfactual_label", "counterfactual_note", b"counterfactual_note", "counterfactual_probability", b"counterfactual_probability", "method", b"method", "model_id", b"model_id", "predicted_label", b"predicted_label", "probability", b"probability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainInputResponse: _TypeAlias = ExplainInputResponse  # noqa: Y015

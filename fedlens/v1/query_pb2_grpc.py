@@ -50,6 +50,11 @@ class QueryStub:
                 request_serializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsResponse.FromString,
                 _registered_method=True)
+        self.ExplainInput = channel.unary_unary(
+                '/fedlens.v1.Query/ExplainInput',
+                request_serializer=fedlens_dot_v1_dot_query__pb2.ExplainInputRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_query__pb2.ExplainInputResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -75,6 +80,15 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainInput(self, request, context):
+        """Explain one input with the stored global model: prediction, per-feature
+        attributions, a counterfactual and a plain-language card. Uses only the model and
+        released statistics, so it costs no privacy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +106,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.ListBudgets,
                     request_deserializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_query__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'ExplainInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainInput,
+                    request_deserializer=fedlens_dot_v1_dot_query__pb2.ExplainInputRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_query__pb2.ExplainInputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +195,33 @@ class Query:
             '/fedlens.v1.Query/ListBudgets',
             fedlens_dot_v1_dot_query__pb2.ListBudgetsRequest.SerializeToString,
             fedlens_dot_v1_dot_query__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Query/ExplainInput',
+            fedlens_dot_v1_dot_query__pb2.ExplainInputRequest.SerializeToString,
+            fedlens_dot_v1_dot_query__pb2.ExplainInputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,11 @@ class QueryStub:
     GetRelease: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetReleaseRequest, _query_pb2.Release]
     ListBudgets: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListBudgetsRequest, _query_pb2.ListBudgetsResponse]
     """Every site's mirrored ledger: budget, spend history and ε spent."""
+    ExplainInput: _grpc.UnaryUnaryMultiCallable[_query_pb2.ExplainInputRequest, _query_pb2.ExplainInputResponse]
+    """Explain one input with the stored global model: prediction, per-feature
+    attributions, a counterfactual and a plain-language card. Uses only the model and
+    released statistics, so it costs no privacy.
+    """
 
 @_typing.type_check_only
 class QueryAsyncStub(QueryStub):
@@ -47,6 +52,11 @@ class QueryAsyncStub(QueryStub):
     GetRelease: _aio.UnaryUnaryMultiCallable[_query_pb2.GetReleaseRequest, _query_pb2.Release]  # type: ignore[assignment]
     ListBudgets: _aio.UnaryUnaryMultiCallable[_query_pb2.ListBudgetsRequest, _query_pb2.ListBudgetsResponse]  # type: ignore[assignment]
     """Every site's mirrored ledger: budget, spend history and ε spent."""
+    ExplainInput: _aio.UnaryUnaryMultiCallable[_query_pb2.ExplainInputRequest, _query_pb2.ExplainInputResponse]  # type: ignore[assignment]
+    """Explain one input with the stored global model: prediction, per-feature
+    attributions, a counterfactual and a plain-language card. Uses only the model and
+    released statistics, so it costs no privacy.
+    """
 
 class QueryServicer(metaclass=_abc_1.ABCMeta):
     """Read access to aggregated, privacy-accounted releases. Queries cost no privacy."""
@@ -72,5 +82,16 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.ListBudgetsResponse, _abc.Awaitable[_query_pb2.ListBudgetsResponse]]:
         """Every site's mirrored ledger: budget, spend history and ε spent."""
+
+    @_abc_1.abstractmethod
+    def ExplainInput(
+        self,
+        request: _query_pb2.ExplainInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.ExplainInputResponse, _abc.Awaitable[_query_pb2.ExplainInputResponse]]:
+        """Explain one input with the stored global model: prediction, per-feature
+        attributions, a counterfactual and a plain-language card. Uses only the model and
+        released statistics, so it costs no privacy.
+        """
 
 def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -38,7 +38,7 @@ from fedlens.types import (
 )
 from privacy import FixedPointCodec, LedgerEvent, PrivacyLedger, gaussian_noise_multiplier
 from privacy.aggregation_round import AggregationRound
-from server.input_explanation import explain_stored_input
+from server.input_explanation import explain_stored_input, publish_model
 from server.storage import Store
 
 __all__ = ["Aggregator", "QueryHandler"]
@@ -161,6 +161,25 @@ class Aggregator:
             raise
         self._audit(actor, "report_ledger", "", "ok", f"site={ledger.site_id} added={added}")
         return _with_epsilon(ledger, composed)
+
+    def publish_model(
+        self, *, dataset: str, model: str, state: bytes, params: Mapping[str, str]
+    ) -> str:
+        """Store the run's trained global model (:func:`server.input_explanation.publish_model`)."""
+        try:
+            model_id = publish_model(
+                self._store,
+                dataset=dataset,
+                model=model,
+                state=state,
+                params=params,
+                now=self._wall(),
+            )
+        except FedlensError as exc:
+            self._audit("coordinator", "publish_model", "", "refused", str(exc))
+            raise
+        self._audit("coordinator", "publish_model", "", "ok", f"model={model_id}")
+        return model_id
 
     # -- sites -----------------------------------------------------------------------
 

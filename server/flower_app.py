@@ -8,6 +8,7 @@ A summary of the run goes to ``out-dir/summary.json`` when ``out-dir`` is set.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -254,6 +256,35 @@ def run_explanation_round(
         return status
 
 
+def publish_model(run: RunConfig, arrays: ArrayRecord) -> str:
+    """Send the trained global model to the coordinator, for analysts' own inputs.
+
+    Returns its id, or "" if the coordinator refused it (logged; the run goes on, since
+    the explanation round does not need it).
+    """
+    buffer = io.BytesIO()
+    torch.save(arrays.to_torch_state_dict(), buffer)
+    request = aggregation_pb2.PublishModelRequest(
+        dataset=run.dataset,
+        model=run.model,
+        state=buffer.getvalue(),
+        params={
+            "seed": str(run.seed),
+            "rounds": str(run.rounds),
+            "train_epsilon": repr(run.train_epsilon),
+        },
+    )
+    with grpc.insecure_channel(run.aggregator) as channel:
+        stub = aggregation_pb2_grpc.AggregationStub(channel)
+        try:
+            reply = stub.PublishModel(request, timeout=60)
+        except grpc.RpcError as exc:
+            logger.warning("coordinator refused the trained model: %s", exc.details())
+            return ""
+    logger.info("trained model stored as %s", reply.model_id)
+    return str(reply.model_id)
+
+
 def report_ledgers(stub: aggregation_pb2_grpc.AggregationStub, log: SiteLog) -> None:
     """Send every site's latest ledger snapshot to the coordinator's mirror.
 
@@ -320,6 +351,7 @@ def main(grid: Grid, context: Context) -> None:
         refusals = "; ".join(f"{k}: {v}" for k, v in log.refusals.items()) or "no replies"
         _write_summary(run, {"phase": "aborted", "reason": refusals, "refusals": log.refusals})
         raise ProtocolError(f"training failed at too many sites ({refusals})")
+    model_id = publish_model(run, result.arrays)
     status = run_explanation_round(grid, run, result.arrays, trained, log)
     summary = {
         "accuracy": history[-1]["accuracy"] if history else None,
@@ -328,6 +360,7 @@ def main(grid: Grid, context: Context) -> None:
         "phase": status.phase.value,
         "reason": status.reason,
         "release_id": status.release_id,
+        "model_id": model_id,
         "epsilon_total": log.epsilon_total,
         "refusals": log.refusals,
     }

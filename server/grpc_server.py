@@ -70,6 +70,17 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
         status = self._agg.decline(request.round_id, request.site_id, request.reason)
         return aggregation_pb2.DeclineRoundResponse(status=wire.round_status_to_proto(status))
 
+    def PublishModel(  # noqa: N802
+        self, request: aggregation_pb2.PublishModelRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.PublishModelResponse:
+        model_id = self._agg.publish_model(
+            dataset=request.dataset,
+            model=request.model,
+            state=request.state,
+            params=dict(request.params),
+        )
+        return aggregation_pb2.PublishModelResponse(model_id=model_id)
+
     def ReportLedger(  # noqa: N802
         self, request: aggregation_pb2.ReportLedgerRequest, context: grpc.ServicerContext
     ) -> aggregation_pb2.ReportLedgerResponse:

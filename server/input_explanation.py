@@ -9,16 +9,19 @@ model and DP releases are used, so the answer costs no privacy.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 from collections.abc import Mapping
+from datetime import datetime
 
 import numpy as np
+import torch
 
 from explain.cards import prediction_card
 from explain.counterfactual import Counterfactual, SearchLimits, find_counterfactual
 from explain.local import RawValue, baseline_from_feature_stats, explain_input, schema_baseline
 from fedlens.datasets import Preprocessor, load_dataset
-from fedlens.errors import ExplanationError, StorageError
+from fedlens.errors import ExplanationError, IntegrityError, StorageError
 from fedlens.models import build_model
 from fedlens.types import FeatureAttribution, FeatureChange, InputExplanation, Release
 from server.storage import Store, StoredModel
@@ -134,3 +137,46 @@ def explain_stored_input(
         baseline=source,
         method=local.method,
     )
+
+
+def publish_model(
+    store: Store,
+    *,
+    dataset: str,
+    model: str,
+    state: bytes,
+    params: Mapping[str, str],
+    now: datetime,
+) -> str:
+    """Check and store a trained global model sent by the coordinator's training run.
+
+    The weights must load (``torch.load`` with ``weights_only``) into
+    ``build_model(model, dimension)`` for the dataset's public encoding, strictly, and be
+    finite. Returns the new model id.
+
+    Raises
+    ------
+    IntegrityError
+        The bytes are not a state dict of tensors, do not fit the model, or hold NaN or
+        infinite values; nothing is stored.
+    ConfigurationError
+        Unknown dataset or model name.
+    """
+    pre = _preprocessor(dataset, int(params.get("seed", "0") or 0))
+    try:
+        loaded = torch.load(io.BytesIO(state), weights_only=True)
+    except Exception as exc:
+        raise IntegrityError(f"model weights do not load: {exc}") from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise IntegrityError("model weights must be a state dict of named tensors")
+    net = build_model(model, pre.dimension)
+    try:
+        net.load_state_dict(loaded, strict=True)
+    except RuntimeError as exc:
+        raise IntegrityError(f"weights do not fit {model} for {dataset}: {exc}") from None
+    bad = [k for k, v in loaded.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise IntegrityError(f"model weights hold NaN or infinite values in {', '.join(bad)}")
+    return store.save_model(dataset=dataset, model=model, state=loaded, now=now, params=params)

@@ -72,6 +72,11 @@ class AggregationStub:
                 request_serializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerResponse.FromString,
                 _registered_method=True)
+        self.PublishModel = channel.unary_unary(
+                '/fedlens.v1.Aggregation/PublishModel',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelResponse.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -127,6 +132,15 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishModel(self, request, context):
+        """Store the trained global model (DP-SGD output: serving it costs no privacy), so that
+        analysts can explain their own inputs with it. INVALID_ARGUMENT if the weights do
+        not load into the named model for the dataset, or are not finite.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +178,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.ReportLedger,
                     request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerResponse.SerializeToString,
+            ),
+            'PublishModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishModel,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +377,33 @@ class Aggregation:
             '/fedlens.v1.Aggregation/ReportLedger',
             fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerRequest.SerializeToString,
             fedlens_dot_v1_dot_aggregation__pb2.ReportLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/PublishModel',
+            fedlens_dot_v1_dot_aggregation__pb2.PublishModelRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.PublishModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,11 @@ class AggregationStub:
     not afford. INVALID_ARGUMENT for a malformed ledger, or one that drops or rewrites
     events already mirrored (the mirror is append-only).
     """
+    PublishModel: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.PublishModelRequest, _aggregation_pb2.PublishModelResponse]
+    """Store the trained global model (DP-SGD output: serving it costs no privacy), so that
+    analysts can explain their own inputs with it. INVALID_ARGUMENT if the weights do
+    not load into the named model for the dataset, or are not finite.
+    """
 
 @_typing.type_check_only
 class AggregationAsyncStub(AggregationStub):
@@ -72,6 +77,11 @@ class AggregationAsyncStub(AggregationStub):
     """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
     not afford. INVALID_ARGUMENT for a malformed ledger, or one that drops or rewrites
     events already mirrored (the mirror is append-only).
+    """
+    PublishModel: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.PublishModelRequest, _aggregation_pb2.PublishModelResponse]  # type: ignore[assignment]
+    """Store the trained global model (DP-SGD output: serving it costs no privacy), so that
+    analysts can explain their own inputs with it. INVALID_ARGUMENT if the weights do
+    not load into the named model for the dataset, or are not finite.
     """
 
 class AggregationServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +144,17 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
         """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
         not afford. INVALID_ARGUMENT for a malformed ledger, or one that drops or rewrites
         events already mirrored (the mirror is append-only).
+        """
+
+    @_abc_1.abstractmethod
+    def PublishModel(
+        self,
+        request: _aggregation_pb2.PublishModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.PublishModelResponse, _abc.Awaitable[_aggregation_pb2.PublishModelResponse]]:
+        """Store the trained global model (DP-SGD output: serving it costs no privacy), so that
+        analysts can explain their own inputs with it. INVALID_ARGUMENT if the weights do
+        not load into the named model for the dataset, or are not finite.
         """
 
 def add_AggregationServicer_to_server(servicer: AggregationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -107,6 +107,8 @@ def test_synthetic_hospitals_release_ranks_the_planted_features(tmp_path: Path) 
         decoded = codec.decode(sub.values)
         assert np.mean(np.abs(decoded) <= plausible) < 0.05
 
+    # The trained model reached the coordinator, for analysts' own inputs.
+    assert store.get_model(summary["model_id"]).dataset == "synthetic_hospitals"
     # The coordinator mirrors every site's ledger exactly: three training rounds, one release.
     mirrored = {m.site_id: m for m in QueryHandler(store).list_budgets()}
     assert sorted(mirrored) == [f"site-{i}" for i in range(4)]

@@ -132,6 +132,9 @@ def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         console.print(_release_table(release, args.top))
         console.print(f"averaged over a noised count of {release.noised_count:.1f} records")
         console.print(_cost_table(release))
+        from explain.cards import release_card
+
+        console.print(release_card(release))
         return 0
 
 

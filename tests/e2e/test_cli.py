@@ -79,6 +79,24 @@ def test_demo_then_query_through_the_server(tmp_path: Path) -> None:
         assert len(release["values"]) == 30  # breast_cancer's 30 features
         assert all(c["epsilon_total"] <= 4.0 for c in release["costs"])
 
+        text = run(
+            "query",
+            "show",
+            releases[0]["release_id"],
+            "--address",
+            f"127.0.0.1:{port}",
+            cwd=tmp_path,
+        )
+        assert text.returncode == 0, text.stderr
+        assert "carries privacy noise with standard deviation about" in " ".join(
+            text.stdout.split()
+        )
+        budgets = run("query", "budgets", "--json", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+        assert budgets.returncode == 0, budgets.stderr
+        mirrored = json.loads(budgets.stdout)
+        assert sorted(b["site_id"] for b in mirrored) == ["site-0", "site-1"]
+        assert all(0 < b["epsilon_spent"] <= b["budget_epsilon"] for b in mirrored)
+
         missing = run("query", "show", "nope", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
         assert missing.returncode == 2
         assert "no release 'nope'" in missing.stderr

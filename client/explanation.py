@@ -2,7 +2,9 @@
 
 Order matters for privacy: the ledger is asked first (nothing is computed for a request
 the budget cannot pay), the spend is recorded before any noised value leaves the site,
-and only the masked, noised, fixed-point vector is sent.
+and only the masked, noised, fixed-point vector is sent. The contribution is computed
+before the site advertises its key, so a site whose explanation refuses its data (a
+cohort below the round's minimum size) declines before taking any part in the protocol.
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ def contribute_explanation(
     ProtocolError
         The round failed (a site missing, the round aborted, keys that do not match the
         round); nothing was submitted.
+    ExplanationError
+        The kind refused this site's data (for instance a cohort smaller than the
+        round's ``min_cohort_size``); no key was advertised and nothing was spent.
 
     Any other refusal (budget, explanation) is also sent to the aggregator as a decline,
     so the round aborts at once instead of keeping the other sites waiting.
@@ -178,12 +183,15 @@ def _contribute(
     rng: NoiseSource,
     client: AggregationClient,
 ) -> tuple[Contribution, PrivacyCost, float, RoundStatus]:
+    # Computed before the key is advertised: a site that cannot contribute (a cohort
+    # below its minimum size, parameters its data do not fit) declines without ever
+    # joining the key exchange, and the computation reveals nothing by itself.
+    contribution = kind.contribute(
+        model, features, labels, request.params, request.clip_bound, sensitive
+    )
     keys = generate_keypair()
     client.advertise(
         KeyAdvertisement(round_id=request.round_id, site_id=site_id, public_key=keys.public_bytes)
-    )
-    contribution = kind.contribute(
-        model, features, labels, request.params, request.clip_bound, sensitive
     )
     peers = client.wait_for_peers(
         request.round_id,

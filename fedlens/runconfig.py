@@ -35,6 +35,14 @@ class RunConfig(BaseModel):
     train_epsilon: float = Field(2.8, gt=0, alias="train-epsilon")
     max_grad_norm: float = Field(1.0, gt=0, alias="max-grad-norm")
     explain_kind: str = Field("global_attribution", alias="explain-kind")
+    # global_attribution only: Captum method, "logit" or "both" classes, and a cohort
+    # filter as JSON ({"sex": ["Female"], "age": [30, 50]}; "" for every record).
+    explain_method: Literal["integrated_gradients", "gradient_shap", "feature_ablation"] = Field(
+        "integrated_gradients", alias="explain-method"
+    )
+    explain_target: Literal["logit", "both"] = Field("logit", alias="explain-target")
+    explain_cohort: str = Field("", alias="explain-cohort")
+    min_cohort_size: int = Field(50, ge=1, alias="min-cohort-size")
     explain_epsilon: float = Field(1.0, gt=0, alias="explain-epsilon")
     explain_delta: float = Field(1e-6, gt=0, lt=1e-2, alias="explain-delta")
     attribution_clip: float = Field(0.5, gt=0, alias="attribution-clip")

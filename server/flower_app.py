@@ -24,7 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from client.training import evaluate
-from explain import get_kind
+from explain import GLOBAL_ATTRIBUTION, get_kind
+from explain.global_attribution import attribution_params
 from fedlens import wire
 from fedlens.datasets import Preprocessor, load_dataset
 from fedlens.errors import ConfigurationError, DropoutError, FedlensError, ProtocolError
@@ -157,6 +158,24 @@ def explanation_round_spec(
             }
         ),
     }
+    if run.explain_kind == GLOBAL_ATTRIBUTION.name:
+        try:
+            cohort = json.loads(run.explain_cohort) if run.explain_cohort else None
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"explain-cohort is not valid JSON: {exc}") from None
+        if cohort is not None and not isinstance(cohort, dict):
+            raise ConfigurationError(f"explain-cohort must be a JSON object, got {cohort!r}")
+        params |= {
+            k: v
+            for k, v in attribution_params(
+                pre,
+                method=run.explain_method,
+                target=run.explain_target,
+                cohort=cohort,
+                min_cohort_size=str(run.min_cohort_size),
+            ).items()
+            if k not in params
+        }
     labels = get_kind(run.explain_kind).coordinate_labels(pre.encoded_names, pre.groups, params)
     return RoundSpec(
         round_id=round_id,

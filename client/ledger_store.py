@@ -130,13 +130,24 @@ class LedgerStore:
         StorageError
             As :meth:`load`.
         """
+        budget, delta, events = self.stored()
+        return PrivacyLedger(budget, delta, events)
+
+    def stored(self) -> tuple[float, float, tuple[LedgerEvent, ...]]:
+        """``(budget ε, δ, events oldest first)`` as stored, without composing the events.
+
+        Raises
+        ------
+        NotFoundError, StorageError
+            As :meth:`read`.
+        """
         if not self.path.exists():
             raise NotFoundError(f"no privacy ledger at {self.path}")
         with closing(self._connect()) as conn:
             meta = _read_meta(conn, self.path)
             rows = _select_events(conn, self.path)
-        events = [_event_from_row(row, self.path) for row in rows]
-        return PrivacyLedger(meta["budget_epsilon"], meta["delta"], events)
+        events = tuple(_event_from_row(row, self.path) for row in rows)
+        return meta["budget_epsilon"], meta["delta"], events
 
     def append(self, event: LedgerEvent, epsilon_after: float) -> None:
         """Store ``event`` and the ε the site reached with it, in one transaction.

@@ -78,15 +78,11 @@ class Site:
         """The site's whole ledger, as the coordinator mirrors it.
 
         It holds budgets and mechanism parameters only; the DP-SGD sampling rate
-        ``batch_size / records`` does reveal the site's approximate record count.
+        ``1 / ceil(records / batch_size)`` does reveal the site's approximate record count.
+        The events are read, not composed: the coordinator composes them itself.
         """
-        ledger = LedgerStore(self.config.ledger_path).read()
-        return SiteLedger(
-            site_id=self.name,
-            budget_epsilon=ledger.budget_epsilon,
-            delta=ledger.delta,
-            events=ledger.events,
-        )
+        budget, delta, events = LedgerStore(self.config.ledger_path).stored()
+        return SiteLedger(site_id=self.name, budget_epsilon=budget, delta=delta, events=events)
 
     def model(self, dimension: int, state: StateDict) -> nn.Module:
         model = build_model(self.run.model, dimension, seed=self.run.seed)
@@ -130,7 +126,15 @@ class Site:
             local_epochs=run.local_epochs,
             releases=run.releases,
         )
-        return check_plan(request, run.train_epsilon, run.explain_epsilon, run.explain_delta)
+        q, steps = planned_steps(records, run.batch_size, run.local_epochs)
+        return check_plan(
+            request,
+            run.train_epsilon,
+            run.explain_epsilon,
+            run.explain_delta,
+            # The same calibration train() uses, cached: not computed twice in round 1.
+            training_noise_multiplier=self.training_noise(q, steps * run.rounds),
+        )
 
     def check_run_fits(self, records: int, *, now: datetime) -> BudgetPlan:
         """Refuse the run before any work unless all of it fits what the site has left.

@@ -66,11 +66,11 @@ DEFAULT_GRAD_SAMPLE_MODE: Final[GradSampleMode] = "ew"
 32,561 Adult training records, batch 256, 128 Poisson steps, median of 5 to 7
 interleaved epochs). In the last run, on an otherwise idle machine: plain SGD 0.123 s per
 epoch; ew 0.329 s (2.68x), ghost clipping 0.343 s (2.79x), hooks 0.351 s (2.86x),
-functorch 0.673 s (5.48x). Ghost clipping came first in the other three runs and is
+functorch 0.673 s (5.48x). Ghost clipping came first in at least one of the others and is
 within run-to-run noise of ew; it never holds per-record gradients, only their norms, so
 it is the better choice once models grow.
 
-No mode reaches 1.5x plain SGD for models this small: DP-SGD adds about 1.5 ms of fixed
+No mode reaches 1.5x plain SGD for models this small: DP-SGD adds about 1.6 ms of fixed
 per-layer work to each step (per-sample gradients, clipping and noise), where a whole
 plain step, loading included, takes about 1 ms."""
 

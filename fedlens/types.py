@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlens.errors import ConfigurationError
 from privacy.ledger import LedgerEvent
 
 __all__ = [
@@ -189,8 +190,6 @@ class SiteLedger:
         ConfigurationError
             A field is missing or invalid; the message names it.
         """
-        from fedlens.errors import ConfigurationError
-
         try:
             events = data["events"]
             if not isinstance(events, list):

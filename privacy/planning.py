@@ -195,12 +195,19 @@ def plan_budget(request: PlanRequest) -> BudgetPlan:
 
 
 def check_plan(
-    request: PlanRequest, train_epsilon: float, release_epsilon: float, release_delta: float
+    request: PlanRequest,
+    train_epsilon: float,
+    release_epsilon: float,
+    release_delta: float,
+    *,
+    training_noise_multiplier: float | None = None,
 ) -> BudgetPlan:
     """The plan with explicit ε for training and for each release, if it fits the budget.
 
     ``train_epsilon`` is DP-SGD's ε alone at the site's δ; each release is a Gaussian
-    mechanism calibrated to ``(release_epsilon, release_delta)`` alone.
+    mechanism calibrated to ``(release_epsilon, release_delta)`` alone. A caller that has
+    already calibrated DP-SGD for ``train_epsilon`` over the whole schedule passes that
+    ``training_noise_multiplier`` instead of having it calibrated again.
 
     Raises
     ------
@@ -214,7 +221,9 @@ def check_plan(
     if not 0 < release_delta < 1:
         raise ConfigurationError(f"release_delta must be in (0, 1), got {release_delta}")
     q, steps = training_schedule(request.records, request.batch_size, request.local_epochs)
-    z_train = dpsgd_noise_multiplier(train_epsilon, request.delta, q, steps * request.rounds)
+    z_train = training_noise_multiplier or dpsgd_noise_multiplier(
+        train_epsilon, request.delta, q, steps * request.rounds
+    )
     z_release = gaussian_noise_multiplier(release_epsilon, release_delta)
     with_releases = z_release if request.releases else None
     composed = _Composer(request, q, steps, z_train)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from fedlens import wire
+from fedlens.channels import open_channel
 from fedlens.errors import DropoutError, IntegrityError, StaleRoundError
 from fedlens.status_codes import error_from_rpc
 from fedlens.types import KeyAdvertisement, MaskedSubmission, RoundPhase, RoundStatus
@@ -45,6 +47,8 @@ class AggregationClient:
         Seconds between polls while waiting for peers' keys.
     sleep, clock
         Injected for tests; ``time.sleep`` and ``time.monotonic`` by default.
+    tls_ca
+        The CA certificate (PEM) of the aggregator's TLS certificate; plaintext without it.
     """
 
     def __init__(
@@ -55,10 +59,12 @@ class AggregationClient:
         poll_interval: float = 0.05,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        tls_ca: Path | None = None,
     ) -> None:
         self._address = address
-        self._channel = grpc.insecure_channel(
+        self._channel = open_channel(
             address,
+            tls_ca=tls_ca,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from fedlens import wire
+from fedlens.channels import describe_target, open_channel
 from fedlens.status_codes import error_from_rpc
 from fedlens.types import InputExplanation, Release, ReleaseSummary, SiteLedger
 from fedlens.v1 import query_pb2, query_pb2_grpc
@@ -26,11 +28,15 @@ class QueryClient:
         ``host:port`` of the coordinator's gRPC server.
     timeout_s
         Deadline of every call.
+    tls_ca
+        The CA certificate (PEM) of the server's TLS certificate; plaintext without it.
     """
 
-    def __init__(self, address: str, *, timeout_s: float = 10.0) -> None:
-        self._address = address
-        self._channel = grpc.insecure_channel(address)
+    def __init__(
+        self, address: str, *, timeout_s: float = 10.0, tls_ca: Path | None = None
+    ) -> None:
+        self._address = describe_target(address, tls_ca)
+        self._channel = open_channel(address, tls_ca=tls_ca)
         self._stub = query_pb2_grpc.QueryStub(self._channel)
         self._timeout = timeout_s
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from client.secagg_client import MAX_MESSAGE_BYTES
 from fedlens import wire
+from fedlens.channels import server_credentials
 from fedlens.errors import ConfigurationError
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
 from server.aggregation import Aggregator, QueryHandler
@@ -125,11 +127,12 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
 
 @dataclass
 class RunningServer:
-    """A started server and the port it bound (useful with port 0)."""
+    """A started server, the port it bound (useful with port 0) and whether it uses TLS."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    tls: bool = False
 
     @property
     def address(self) -> str:
@@ -152,12 +155,27 @@ def serve(
     *,
     address: str = "127.0.0.1:0",
     max_workers: int = 16,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> RunningServer:
     """Start the gRPC server on ``address`` (port 0 picks a free port) and return it.
 
-    The server is insecure (plaintext): bind it to loopback or a trusted network; TLS
-    and site identities come with the identity and access-control work.
+    With ``tls_cert`` (PEM certificate chain, the server's first) and ``tls_key`` (its
+    PEM private key) the port speaks TLS only; clients need the CA that signed the chain
+    (:func:`fedlens.channels.open_channel`). Without them it is plaintext: bind it to
+    loopback or a trusted network.
+
+    Raises
+    ------
+    ConfigurationError
+        Only one of ``tls_cert`` and ``tls_key`` is given, either cannot be read or they
+        do not match, or ``address`` cannot be bound.
     """
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigurationError("TLS needs both a certificate chain and its private key")
+    credentials = (
+        None if tls_cert is None or tls_key is None else server_credentials(tls_cert, tls_key)
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedlens-grpc"),
         interceptors=[ErrorMappingInterceptor()],
@@ -175,9 +193,16 @@ def serve(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise ConfigurationError(f"cannot bind the gRPC server to {address!r}")
     server.start()
-    logger.info("fedlens gRPC server listening on port %d", port)
-    return RunningServer(server=server, port=port, health=health_servicer)
+    logger.info(
+        "fedlens gRPC server listening on port %d (%s)", port, "TLS" if credentials else "plaintext"
+    )
+    return RunningServer(
+        server=server, port=port, health=health_servicer, tls=credentials is not None
+    )

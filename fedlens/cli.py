@@ -10,6 +10,7 @@
     fedlens explain --input FILE    explain one input (a JSON object of raw feature values)
     fedlens plan                    split a site budget between training and releases
     fedlens client budget           a site's ledger: budget, spend history, what is left
+    fedlens keys identity|tls|enroll  site identity key, test certificates, enrolment
 
 Only this module configures logging, and it imports the ``server`` and ``client``
 layers lazily, inside the commands that need them.
@@ -26,12 +27,14 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from fedlens.cli_keys import add_key_commands
 from fedlens.cli_privacy import add_privacy_commands
 from fedlens.errors import ConfigurationError, FedlensError
 from fedlens.runconfig import validation_message
@@ -57,9 +60,22 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     from server.grpc_server import serve
     from server.storage import Store
 
+    tls_cert = args.tls_cert or settings.tls_cert
+    tls_key = args.tls_key or settings.tls_key
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigurationError("--tls-cert and --tls-key go together")
     store = Store(args.database_url or settings.database_url)
-    running = serve(Aggregator(store), QueryHandler(store), address=args.address)
-    console.print(f"fedlens server on port {running.port}, store {store.url} (Ctrl-C stops)")
+    running = serve(
+        Aggregator(store),
+        QueryHandler(store),
+        address=args.address,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    console.print(
+        f"fedlens server on port {running.port} ({'TLS' if running.tls else 'plaintext'}), "
+        f"store {store.url} (Ctrl-C stops)"
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
@@ -91,7 +107,9 @@ def _cost_table(release: Release) -> Table:
 def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from fedlens.query_client import QueryClient
 
-    with QueryClient(args.address or settings.aggregator_address) as client:
+    with QueryClient(
+        args.address or settings.aggregator_address, tls_ca=args.tls_ca or settings.tls_ca
+    ) as client:
         if args.query_command == "budgets":
             ledgers = client.list_budgets(site_id=args.site)
             if args.json:
@@ -172,7 +190,9 @@ def _cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
     from fedlens.query_client import QueryClient
 
     record = _read_record(args.input)
-    with QueryClient(args.address or settings.aggregator_address) as client:
+    with QueryClient(
+        args.address or settings.aggregator_address, tls_ca=args.tls_ca or settings.tls_ca
+    ) as client:
         result = client.explain_input(record, model_id=args.model_id, top=args.top)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
@@ -243,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="run the coordinator's gRPC services")
     server.add_argument("--address", default="127.0.0.1:50151", help="host:port to bind")
     server.add_argument("--database-url", default="", help="SQLAlchemy URL of the store")
+    server.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate chain for TLS (default: FEDLENS_TLS_CERT)"
+    )
+    server.add_argument(
+        "--tls-key", type=Path, help="PEM private key of --tls-cert (default: FEDLENS_TLS_KEY)"
+    )
     server.set_defaults(func=_cmd_server)
 
     query = sub.add_parser("query", help="read releases through the Query service")
@@ -251,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="", help="coordinator host:port (default: FEDLENS_AGGREGATOR_ADDRESS)"
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--tls-ca", type=Path, help="CA certificate of the server's TLS (default: FEDLENS_TLS_CA)"
+    )
     qsub = query.add_subparsers(dest="query_command", required=True)
     releases = qsub.add_parser("releases", parents=[common], help="list releases, newest first")
     releases.add_argument("--limit", type=int, default=50)
@@ -276,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--top", type=int, default=0, help="attributions to show (0: all)")
     explain.set_defaults(func=_cmd_explain)
     add_privacy_commands(sub)
+    add_key_commands(sub)
     return parser
 
 

@@ -2,10 +2,12 @@
 
 What a run trains and explains is the run configuration (:mod:`fedlens.runconfig`); what a
 site allows is its node configuration (:mod:`client.site_config`). These settings say
-where a coordinator keeps its store and where clients find it.
+where a coordinator keeps its store, where clients find it, and the TLS files of both.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,12 +16,25 @@ __all__ = ["Settings"]
 
 
 class Settings(BaseSettings):
-    """``FEDLENS_DATABASE_URL`` and ``FEDLENS_AGGREGATOR_ADDRESS``."""
+    """``FEDLENS_DATABASE_URL``, ``FEDLENS_AGGREGATOR_ADDRESS`` and the TLS files.
+
+    ``FEDLENS_TLS_CERT`` and ``FEDLENS_TLS_KEY`` are the coordinator's certificate chain
+    and private key (PEM); ``FEDLENS_TLS_CA`` is the CA certificate clients trust. Unset,
+    the gRPC channel is plaintext.
+    """
 
     model_config = SettingsConfigDict(env_prefix="FEDLENS_")
 
     database_url: str = "sqlite:///fedlens.db"
     aggregator_address: str = "127.0.0.1:50151"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    @field_validator("tls_cert", "tls_key", "tls_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("aggregator_address")
     @classmethod

@@ -6,6 +6,7 @@ Public names are re-exported here; the modules behind them are:
 ``clipping``     per-record L2 clipping
 ``gaussian``     Gaussian mechanism and DP-SGD calibration and accounting (dp_accounting)
 ``discrete``     discrete Gaussian mechanism accounting and calibration (RDP)
+``distributed_noise`` discrete Gaussian noise shares under secure aggregation (KLS21)
 ``ledger``       a site's privacy ledger and budget check
 ``fixedpoint``   fixed-point encoding modulo ``2**bits`` with stochastic rounding
 ``masking``      pairwise additive masks of secure aggregation (X25519, HKDF, ChaCha20)
@@ -17,6 +18,13 @@ from privacy.clipping import clip_rows
 from privacy.discrete import (
     discrete_gaussian_noise_multiplier,
     epsilon_of_discrete_gaussian,
+)
+from privacy.distributed_noise import (
+    ShareCalibration,
+    calibrate_shares,
+    encoded_sensitivity,
+    sample_discrete_gaussian,
+    wraparound_bits,
 )
 from privacy.fixedpoint import MAX_BITS, FixedPointCodec
 from privacy.gaussian import (
@@ -56,10 +64,13 @@ __all__ = [
     "SecureRandom",
     "SeededRandom",
     "Share",
+    "ShareCalibration",
+    "calibrate_shares",
     "clip_rows",
     "combine_shares",
     "discrete_gaussian_noise_multiplier",
     "dpsgd_noise_multiplier",
+    "encoded_sensitivity",
     "epsilon_of_discrete_gaussian",
     "epsilon_of_dpsgd",
     "epsilon_of_gaussian",
@@ -69,6 +80,8 @@ __all__ = [
     "neighbourhoods",
     "pairwise_mask",
     "recommended_degree",
+    "sample_discrete_gaussian",
     "share_threshold",
     "split_secret",
+    "wraparound_bits",
 ]

@@ -17,22 +17,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from client.ledger_store import LedgerStore
-from client.secagg_client import AggregationClient
+from client.secagg_client import AggregationClient, SiteInput, run_secure_round
 from explain import Contribution, ExplanationKind, get_kind, l2_sensitivity
 from fedlens.errors import ConfigurationError, FedlensError, ProtocolError
-from fedlens.types import KeyAdvertisement, MaskedSubmission, PrivacyCost, RoundStatus
+from fedlens.types import PrivacyCost, RoundStatus
 from privacy import (
     FixedPointCodec,
     LedgerEvent,
     NoiseSource,
     PrivacyLedger,
     gaussian_noise_multiplier,
-    generate_keypair,
-    mask_vector,
 )
+from privacy.secagg_params import SecAggParams
+from privacy.secagg_site import SiteSession
 
 __all__ = ["ExplainOutcome", "ExplainRequest", "contribute_explanation", "per_site_limit"]
 
@@ -65,6 +66,20 @@ class ExplainRequest:
     scale: float
     timeout_s: float
     params: Mapping[str, str] = field(default_factory=dict)
+    threshold: int = 0
+    degree: int = 0
+
+    def protocol_params(self, length: int) -> SecAggParams:
+        """The secure-aggregation parameters of this round, as the aggregator derives them."""
+        n = len(self.site_ids)
+        return SecAggParams(
+            round_id=self.round_id,
+            site_ids=tuple(self.site_ids),
+            threshold=self.threshold or min(n, (2 * n) // 3 + 1),
+            length=length,
+            bits=self.bits,
+            degree=self.degree,
+        )
 
     def __post_init__(self) -> None:
         for name in ("epsilon", "clip_bound", "scale", "timeout_s"):
@@ -97,6 +112,7 @@ def contribute_explanation(
     now: datetime,
     connect: Callable[[str], AggregationClient] = AggregationClient,
     sensitive: Mapping[str, np.ndarray] | None = None,
+    identity: Ed25519PrivateKey | None = None,
 ) -> ExplainOutcome:
     """Compute, clip, noise, account, encode, mask and submit this site's contribution.
 
@@ -149,6 +165,7 @@ def contribute_explanation(
                 store,
                 rng,
                 client,
+                identity or Ed25519PrivateKey.generate(),
             )
         except FedlensError as exc:
             if not isinstance(exc, ProtocolError):
@@ -182,48 +199,42 @@ def _contribute(
     store: LedgerStore,
     rng: NoiseSource,
     client: AggregationClient,
+    identity: Ed25519PrivateKey,
 ) -> tuple[Contribution, PrivacyCost, float, RoundStatus]:
-    # Computed before the key is advertised: a site that cannot contribute (a cohort
+    # Computed before the keys are advertised: a site that cannot contribute (a cohort
     # below its minimum size, parameters its data do not fit) declines without ever
     # joining the key exchange, and the computation reveals nothing by itself.
     contribution = kind.contribute(
         model, features, labels, request.params, request.clip_bound, sensitive
     )
-    keys = generate_keypair()
-    client.advertise(
-        KeyAdvertisement(round_id=request.round_id, site_id=site_id, public_key=keys.public_bytes)
-    )
-    peers = client.wait_for_peers(
-        request.round_id,
-        site_id,
-        expected=request.site_ids,
-        own_key=keys.public_bytes,
-        timeout_s=request.timeout_s,
-    )
-    epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
-    std = z * l2_sensitivity(request.clip_bound)
-    noised = contribution.vector + rng.normal(contribution.vector.size, std)
-    # Clamping to the range the round's encoding reserves for one site is
-    # post-processing of a DP value; it rules out wrap-around in the sum.
-    codec = FixedPointCodec(bits=request.bits, scale=request.scale)
-    limit = per_site_limit(codec, len(request.site_ids))
-    encoded = codec.encode(np.clip(noised, -limit, limit), rng)
-    cost = PrivacyCost(
-        site_id=site_id,
-        epsilon=request.epsilon,
-        delta=request.delta,
-        epsilon_total=epsilon_total,
-    )
-    masked = mask_vector(encoded, keys, site_id, peers, request.round_id, request.bits)
-    status = client.submit(
-        MaskedSubmission(
-            round_id=request.round_id,
+    session = SiteSession(request.protocol_params(contribution.vector.size), site_id, identity)
+    spent: list[tuple[PrivacyCost, float]] = []
+
+    def make_input() -> SiteInput:
+        # Called once the neighbours have shared keys: a round that never gathers its
+        # sites costs nobody anything. The spend is recorded before anything noised
+        # leaves the site.
+        epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
+        std = z * l2_sensitivity(request.clip_bound)
+        noised = contribution.vector + rng.normal(contribution.vector.size, std)
+        # Clamping to the range the round's encoding reserves for one site is
+        # post-processing of a DP value; it rules out wrap-around in the sum.
+        codec = FixedPointCodec(bits=request.bits, scale=request.scale)
+        limit = per_site_limit(codec, len(request.site_ids))
+        encoded = codec.encode(np.clip(noised, -limit, limit), rng)
+        cost = PrivacyCost(
             site_id=site_id,
-            values=masked,
-            cost=cost,
-            noise_std=std,
+            epsilon=request.epsilon,
+            delta=request.delta,
+            epsilon_total=epsilon_total,
         )
-    )
+        spent.append((cost, std))
+        return SiteInput(encoded, cost, std)
+
+    status = run_secure_round(client, session, make_input, timeout_s=request.timeout_s)
+    if not spent:  # pragma: no cover - run_secure_round returns only after submitting
+        raise ProtocolError(f"round {request.round_id} ended before this site submitted")
+    cost, std = spent[0]
     return contribution, cost, std, status
 
 

@@ -75,6 +75,8 @@ def explain_request_from_config(cfg: ConfigRecord) -> ExplainRequest:
         scale=_field(cfg, "scale", float),
         timeout_s=_field(cfg, "timeout", float),
         params={str(k): str(v) for k, v in params.items()},
+        threshold=_field(cfg, "threshold", int),
+        degree=_field(cfg, "degree", int),
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from client.explanation import ExplainOutcome, ExplainRequest, contribute_explanation
@@ -22,6 +23,7 @@ from client.site_config import SiteConfig
 from client.training import planned_steps, train_dp
 from fedlens.datasets import SiteData, load_dataset
 from fedlens.errors import BudgetExceededError
+from fedlens.identity import create_identity, load_identity_key
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
 from fedlens.types import SiteLedger
@@ -228,4 +230,18 @@ class Site:
             rng=rng or SecureRandom(),
             now=now,
             sensitive=data.sensitive,
+            identity=self.identity(),
         )
+
+    def identity(self) -> Ed25519PrivateKey:
+        """The site's Ed25519 identity key, created in its state directory on first use.
+
+        Its public half (``<site>.pub`` beside it) is what an admin enrols at the
+        coordinator; a coordinator with first-use enrolment records it at the first round.
+        """
+        directory = self.config.state_dir / "identity"
+        key = directory / f"{self.name}.key"
+        if not key.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            create_identity(directory, self.name)
+        return load_identity_key(key)

@@ -11,6 +11,7 @@
     │   ├── DuplicateSubmissionError  a site sent the same phase twice
     │   ├── UnknownRoundError     no such round
     │   ├── StaleRoundError       the round is closed or in another phase
+    │   ├── AuthenticationError   the caller's identity is unknown or does not match
     │   └── DropoutError          too few sites remain to finish the round
     ├── ExplanationError          an explanation cannot be computed for this input
     ├── DatasetError              a dataset or partition request is invalid
@@ -24,6 +25,7 @@ The transports map each class to one gRPC status code in a single table
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BudgetExceededError",
     "ConfigurationError",
     "DatasetError",
@@ -75,6 +77,10 @@ class UnknownRoundError(ProtocolError):
 
 class StaleRoundError(ProtocolError):
     """The round is closed, aborted, or in a phase that does not accept this message."""
+
+
+class AuthenticationError(ProtocolError):
+    """The caller is not enrolled, or its signature or key does not match its enrolment."""
 
 
 class DropoutError(ProtocolError):

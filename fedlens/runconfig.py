@@ -47,6 +47,10 @@ class RunConfig(BaseModel):
     explain_delta: float = Field(1e-6, gt=0, lt=1e-2, alias="explain-delta")
     attribution_clip: float = Field(0.5, gt=0, alias="attribution-clip")
     ig_steps: int = Field(32, ge=2, le=1024, alias="ig-steps")
+    # Secure aggregation: least number of sites in a released sum (0: floor(2n/3) + 1)
+    # and the SecAgg+ neighbour degree (0: every pair of sites masks).
+    secagg_threshold: int = Field(0, ge=0, alias="secagg-threshold")
+    secagg_degree: int = Field(0, ge=0, alias="secagg-degree")
     aggregator: str = "127.0.0.1:50151"
     phase_timeout_s: float = Field(90.0, gt=0, alias="phase-timeout")
     out_dir: str = Field("", alias="out-dir")

@@ -19,6 +19,7 @@ STATUS_CODES: tuple[tuple[type[errors.FedlensError], grpc.StatusCode], ...] = (
     (errors.UnknownRoundError, grpc.StatusCode.NOT_FOUND),
     (errors.StaleRoundError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DropoutError, grpc.StatusCode.ABORTED),
+    (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.IntegrityError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ConfigurationError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -36,6 +37,7 @@ _CLIENT_ERRORS: dict[grpc.StatusCode, type[errors.FedlensError]] = {
     grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.StaleRoundError,
     grpc.StatusCode.ABORTED: errors.DropoutError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
     grpc.StatusCode.INVALID_ARGUMENT: errors.IntegrityError,
 }
 

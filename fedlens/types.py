@@ -5,20 +5,22 @@ Only :mod:`fedlens.wire` converts these to and from protobuf messages.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedlens.errors import ConfigurationError
-from privacy.ledger import LedgerEvent
+from fedlens.secagg_types import SecAggPhase
+
+if TYPE_CHECKING:
+    from privacy.ledger import LedgerEvent
 
 __all__ = [
     "FeatureAttribution",
     "FeatureChange",
     "InputExplanation",
-    "KeyAdvertisement",
     "MaskedSubmission",
     "PrivacyCost",
     "Release",
@@ -31,17 +33,8 @@ __all__ = [
 ]
 
 
-class RoundPhase(enum.Enum):
-    """Where a secure-aggregation round stands."""
-
-    ADVERTISING = "advertising"
-    COLLECTING = "collecting"
-    COMPLETE = "complete"
-    ABORTED = "aborted"
-
-    @property
-    def finished(self) -> bool:
-        return self in (RoundPhase.COMPLETE, RoundPhase.ABORTED)
+RoundPhase = SecAggPhase
+"""Where a secure-aggregation round stands (the phases of :class:`SecAggPhase`)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +58,14 @@ class RoundSpec:
         carries the record count times ``clip_bound``).
     bits, scale
         Fixed-point encoding modulo ``2**bits`` of ``value * scale``.
+    threshold
+        Least number of contributions the released sum may hold; 0 for the default.
+    degree
+        SecAgg+ neighbour degree (even), or 0 for masks between every pair of sites.
+    noise, colluding
+        ``"local"`` (each site adds the full noise) or ``"distributed"`` (each adds a
+        discrete Gaussian share sized for ``threshold`` survivors of which ``colluding``
+        may collude with the aggregator).
     """
 
     round_id: str
@@ -77,6 +78,16 @@ class RoundSpec:
     labels: tuple[str, ...]
     phase_timeout_s: float = 120.0
     params: Mapping[str, str] = field(default_factory=dict)
+    threshold: int = 0
+    degree: int = 0
+    noise: str = "local"
+    colluding: int = 0
+
+    @property
+    def effective_threshold(self) -> int:
+        """``threshold``, or ``floor(2n/3) + 1`` (at most ``n``) when it is 0."""
+        n = len(self.site_ids)
+        return self.threshold or min(n, (2 * n) // 3 + 1)
 
 
 @dataclass(frozen=True)
@@ -87,16 +98,9 @@ class RoundStatus:
     submitted: tuple[str, ...] = ()
     release_id: str = ""
     reason: str = ""
-
-
-@dataclass(frozen=True)
-class KeyAdvertisement:
-    round_id: str
-    site_id: str
-    public_key: bytes
-
-    def __repr__(self) -> str:
-        return f"KeyAdvertisement(round_id={self.round_id!r}, site_id={self.site_id!r})"
+    shared: tuple[str, ...] = ()
+    unmasked: tuple[str, ...] = ()
+    seconds_left: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,6 +194,8 @@ class SiteLedger:
         ConfigurationError
             A field is missing or invalid; the message names it.
         """
+        from privacy.ledger import LedgerEvent  # here, so that importing the kernel stays light
+
         try:
             events = data["events"]
             if not isinstance(events, list):

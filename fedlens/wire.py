@@ -7,16 +7,17 @@ enum values); range checks belong to the handlers that know the round.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedlens.errors import ConfigurationError, IntegrityError
+from fedlens.secagg_types import EncryptedShare, RevealedShare, ShareKind, SignedKeys
 from fedlens.types import (
     FeatureAttribution,
     FeatureChange,
     InputExplanation,
-    KeyAdvertisement,
     MaskedSubmission,
     PrivacyCost,
     Release,
@@ -28,15 +29,15 @@ from fedlens.types import (
     SiteLedger,
 )
 from fedlens.v1 import aggregation_pb2, common_pb2, query_pb2
-from privacy.ledger import LedgerEvent
+
+if TYPE_CHECKING:
+    from privacy.ledger import LedgerEvent
 
 __all__ = [
     "explain_input_request_from_proto",
     "explain_input_request_to_proto",
     "input_explanation_from_proto",
     "input_explanation_to_proto",
-    "key_advertisement_from_proto",
-    "key_advertisement_to_proto",
     "ledger_event_from_proto",
     "ledger_event_to_proto",
     "masked_submission_from_proto",
@@ -47,17 +48,25 @@ __all__ = [
     "release_summary_from_proto",
     "release_summary_to_proto",
     "release_to_proto",
+    "revealed_shares_from_proto",
+    "revealed_shares_to_proto",
     "round_spec_from_proto",
     "round_spec_to_proto",
     "round_status_from_proto",
     "round_status_to_proto",
+    "sealed_shares_from_proto",
+    "sealed_shares_to_proto",
+    "signed_keys_from_proto",
+    "signed_keys_to_proto",
     "site_ledger_from_proto",
     "site_ledger_to_proto",
 ]
 
 _PHASE_TO_PROTO = {
     RoundPhase.ADVERTISING: aggregation_pb2.ROUND_PHASE_ADVERTISING,
+    RoundPhase.SHARING: aggregation_pb2.ROUND_PHASE_SHARING,
     RoundPhase.COLLECTING: aggregation_pb2.ROUND_PHASE_COLLECTING,
+    RoundPhase.UNMASKING: aggregation_pb2.ROUND_PHASE_UNMASKING,
     RoundPhase.COMPLETE: aggregation_pb2.ROUND_PHASE_COMPLETE,
     RoundPhase.ABORTED: aggregation_pb2.ROUND_PHASE_ABORTED,
 }
@@ -94,6 +103,10 @@ def round_spec_to_proto(spec: RoundSpec) -> aggregation_pb2.RoundSpec:
         labels=list(spec.labels),
         phase_timeout_s=spec.phase_timeout_s,
         params=dict(spec.params),
+        threshold=spec.threshold,
+        degree=spec.degree,
+        noise=spec.noise,
+        colluding=spec.colluding,
     )
 
 
@@ -109,6 +122,10 @@ def round_spec_from_proto(msg: aggregation_pb2.RoundSpec) -> RoundSpec:
         labels=tuple(msg.labels),
         phase_timeout_s=msg.phase_timeout_s,
         params=dict(msg.params),
+        threshold=msg.threshold,
+        degree=msg.degree,
+        noise=msg.noise or "local",
+        colluding=msg.colluding,
     )
 
 
@@ -120,6 +137,9 @@ def round_status_to_proto(status: RoundStatus) -> aggregation_pb2.RoundStatus:
         submitted=list(status.submitted),
         release_id=status.release_id,
         reason=status.reason,
+        shared=list(status.shared),
+        unmasked=list(status.unmasked),
+        seconds_left=status.seconds_left,
     )
 
 
@@ -135,18 +155,9 @@ def round_status_from_proto(msg: aggregation_pb2.RoundStatus) -> RoundStatus:
         submitted=tuple(msg.submitted),
         release_id=msg.release_id,
         reason=msg.reason,
-    )
-
-
-def key_advertisement_to_proto(adv: KeyAdvertisement) -> aggregation_pb2.AdvertiseKeyRequest:
-    return aggregation_pb2.AdvertiseKeyRequest(
-        round_id=adv.round_id, site_id=adv.site_id, public_key=adv.public_key
-    )
-
-
-def key_advertisement_from_proto(msg: aggregation_pb2.AdvertiseKeyRequest) -> KeyAdvertisement:
-    return KeyAdvertisement(
-        round_id=msg.round_id, site_id=msg.site_id, public_key=bytes(msg.public_key)
+        shared=tuple(msg.shared),
+        unmasked=tuple(msg.unmasked),
+        seconds_left=msg.seconds_left,
     )
 
 
@@ -154,20 +165,95 @@ def masked_submission_to_proto(sub: MaskedSubmission) -> aggregation_pb2.SubmitM
     return aggregation_pb2.SubmitMaskedRequest(
         round_id=sub.round_id,
         site_id=sub.site_id,
-        values=sub.values.tolist(),
+        values=np.ascontiguousarray(sub.values, dtype="<u8").tobytes(),
         cost=privacy_cost_to_proto(sub.cost),
         noise_std=sub.noise_std,
     )
 
 
 def masked_submission_from_proto(msg: aggregation_pb2.SubmitMaskedRequest) -> MaskedSubmission:
+    """Raises :class:`IntegrityError` if the values are not whole uint64 words."""
+    if len(msg.values) % 8:
+        raise IntegrityError(
+            f"masked values from {msg.site_id!r} are {len(msg.values)} bytes, not whole "
+            f"uint64 words"
+        )
     return MaskedSubmission(
         round_id=msg.round_id,
         site_id=msg.site_id,
-        values=np.fromiter(msg.values, dtype=np.uint64, count=len(msg.values)),
+        values=np.frombuffer(msg.values, dtype="<u8").astype(np.uint64),
         cost=privacy_cost_from_proto(msg.cost),
         noise_std=msg.noise_std,
     )
+
+
+def signed_keys_to_proto(keys: SignedKeys, identity_public: bytes) -> aggregation_pb2.SignedKeys:
+    return aggregation_pb2.SignedKeys(
+        site_id=keys.site_id,
+        cipher_public=keys.cipher_public,
+        mask_public=keys.mask_public,
+        signature=keys.signature,
+        identity_public=identity_public,
+    )
+
+
+def signed_keys_from_proto(round_id: str, msg: aggregation_pb2.SignedKeys) -> SignedKeys:
+    return SignedKeys(
+        round_id=round_id,
+        site_id=msg.site_id,
+        cipher_public=bytes(msg.cipher_public),
+        mask_public=bytes(msg.mask_public),
+        signature=bytes(msg.signature),
+    )
+
+
+def sealed_shares_to_proto(shares: Sequence[EncryptedShare]) -> list[aggregation_pb2.SealedShare]:
+    return [
+        aggregation_pb2.SealedShare(
+            sender=item.sender, receiver=item.receiver, ciphertext=item.ciphertext
+        )
+        for item in shares
+    ]
+
+
+def sealed_shares_from_proto(
+    round_id: str, shares: Sequence[aggregation_pb2.SealedShare]
+) -> tuple[EncryptedShare, ...]:
+    return tuple(
+        EncryptedShare(round_id, item.sender, item.receiver, bytes(item.ciphertext))
+        for item in shares
+    )
+
+
+_KIND_TO_PROTO = {
+    ShareKind.SELF_MASK: aggregation_pb2.SHARE_KIND_SELF_MASK,
+    ShareKind.PAIR_KEY: aggregation_pb2.SHARE_KIND_PAIR_KEY,
+}
+_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+
+
+def revealed_shares_to_proto(
+    shares: Sequence[RevealedShare],
+) -> list[aggregation_pb2.RevealedShare]:
+    return [
+        aggregation_pb2.RevealedShare(
+            owner=item.owner, kind=_KIND_TO_PROTO[item.kind], share=item.share
+        )
+        for item in shares
+    ]
+
+
+def revealed_shares_from_proto(
+    round_id: str, site_id: str, shares: Sequence[aggregation_pb2.RevealedShare]
+) -> tuple[RevealedShare, ...]:
+    """Raises :class:`IntegrityError` for a share of unknown kind."""
+    revealed = []
+    for item in shares:
+        kind = _KIND_FROM_PROTO.get(item.kind)
+        if kind is None:
+            raise IntegrityError(f"revealed share of {item.owner!r} has an unknown kind")
+        revealed.append(RevealedShare(round_id, site_id, item.owner, kind, bytes(item.share)))
+    return tuple(revealed)
 
 
 def _value_to_proto(value: ReleasedValue) -> query_pb2.ReleasedValue:
@@ -239,6 +325,8 @@ def ledger_event_to_proto(event: LedgerEvent) -> common_pb2.LedgerEvent:
 
 def ledger_event_from_proto(msg: common_pb2.LedgerEvent) -> LedgerEvent:
     """Raises :class:`IntegrityError` naming the field if the event is invalid."""
+    from privacy.ledger import LedgerEvent  # here, so that importing the kernel stays light
+
     try:
         return LedgerEvent.from_dict(
             {

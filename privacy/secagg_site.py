@@ -93,6 +93,11 @@ class SiteSession:
     def __repr__(self) -> str:
         return f"SiteSession(round_id={self.params.round_id!r}, site_id={self.site_id!r})"
 
+    @property
+    def identity_public(self) -> bytes:
+        """The site's raw 32-byte Ed25519 identity key, as enrolled at the coordinator."""
+        return crypto.raw_public(self._identity)
+
     def _advance(self, expected: _Step, to: _Step) -> None:
         if self._step is not expected:
             raise StaleRoundError(

@@ -188,6 +188,8 @@ def explanation_round_spec(
         labels=labels,
         phase_timeout_s=run.phase_timeout_s,
         params=params,
+        threshold=run.secagg_threshold,
+        degree=run.secagg_degree,
     )
 
 
@@ -242,6 +244,8 @@ def run_explanation_round(
                 "scale": spec.scale,
                 "timeout": run.phase_timeout_s,
                 "params": json.dumps(params),
+                "threshold": spec.threshold,
+                "degree": spec.degree,
             }
         )
         messages = [

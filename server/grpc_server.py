@@ -38,11 +38,12 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
         status = self._agg.open_round(wire.round_spec_from_proto(request.spec))
         return aggregation_pb2.OpenRoundResponse(status=wire.round_status_to_proto(status))
 
-    def AdvertiseKey(  # noqa: N802
-        self, request: aggregation_pb2.AdvertiseKeyRequest, context: grpc.ServicerContext
-    ) -> aggregation_pb2.AdvertiseKeyResponse:
-        status = self._agg.advertise(wire.key_advertisement_from_proto(request))
-        return aggregation_pb2.AdvertiseKeyResponse(status=wire.round_status_to_proto(status))
+    def AdvertiseKeys(  # noqa: N802
+        self, request: aggregation_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.AdvertiseKeysResponse:
+        keys = wire.signed_keys_from_proto(request.round_id, request.keys)
+        status = self._agg.advertise(keys, bytes(request.keys.identity_public))
+        return aggregation_pb2.AdvertiseKeysResponse(status=wire.round_status_to_proto(status))
 
     def GetPeerKeys(  # noqa: N802
         self, request: aggregation_pb2.GetPeerKeysRequest, context: grpc.ServicerContext
@@ -50,16 +51,54 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
         status, keys = self._agg.peer_keys(request.round_id, request.site_id)
         return aggregation_pb2.GetPeerKeysResponse(
             status=wire.round_status_to_proto(status),
-            keys=[
-                aggregation_pb2.PeerKey(site_id=s, public_key=k) for s, k in sorted(keys.items())
-            ],
+            keys=[wire.signed_keys_to_proto(k, ident) for _, (k, ident) in sorted(keys.items())],
+        )
+
+    def ShareKeys(  # noqa: N802
+        self, request: aggregation_pb2.ShareKeysRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.ShareKeysResponse:
+        shares = wire.sealed_shares_from_proto(request.round_id, request.shares)
+        status = self._agg.share(request.round_id, request.site_id, shares)
+        return aggregation_pb2.ShareKeysResponse(status=wire.round_status_to_proto(status))
+
+    def GetShares(  # noqa: N802
+        self, request: aggregation_pb2.GetSharesRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.GetSharesResponse:
+        status, shares = self._agg.shares_for(request.round_id, request.site_id)
+        return aggregation_pb2.GetSharesResponse(
+            status=wire.round_status_to_proto(status),
+            ready=shares is not None,
+            shares=wire.sealed_shares_to_proto(shares or ()),
         )
 
     def SubmitMasked(  # noqa: N802
         self, request: aggregation_pb2.SubmitMaskedRequest, context: grpc.ServicerContext
     ) -> aggregation_pb2.SubmitMaskedResponse:
-        status = self._agg.submit(wire.masked_submission_from_proto(request))
+        with self._agg.audited("submit_masked", request.round_id, request.site_id):
+            submission = wire.masked_submission_from_proto(request)
+        status = self._agg.submit(submission)
         return aggregation_pb2.SubmitMaskedResponse(status=wire.round_status_to_proto(status))
+
+    def GetUnmaskRequest(  # noqa: N802
+        self, request: aggregation_pb2.GetUnmaskRequestRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.GetUnmaskRequestResponse:
+        status, unmask = self._agg.unmask_request(request.round_id, request.site_id)
+        return aggregation_pb2.GetUnmaskRequestResponse(
+            status=wire.round_status_to_proto(status),
+            ready=unmask is not None,
+            survivors=list(unmask.survivors) if unmask else [],
+            dropped=list(unmask.dropped) if unmask else [],
+        )
+
+    def Unmask(  # noqa: N802
+        self, request: aggregation_pb2.UnmaskRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.UnmaskResponse:
+        with self._agg.audited("unmask", request.round_id, request.site_id):
+            shares = wire.revealed_shares_from_proto(
+                request.round_id, request.site_id, request.shares
+            )
+        status = self._agg.unmask(request.round_id, request.site_id, shares)
+        return aggregation_pb2.UnmaskResponse(status=wire.round_status_to_proto(status))
 
     def GetRoundStatus(  # noqa: N802
         self, request: aggregation_pb2.GetRoundStatusRequest, context: grpc.ServicerContext

@@ -208,6 +208,11 @@ class Store:
             raise StorageError(f"cannot create tables in {url!r}: {exc}") from exc
 
     @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for modules that keep their own tables in this store."""
+        return self._engine
+
+    @property
     def url(self) -> str:
         return self._engine.url.render_as_string(hide_password=True)
 
@@ -239,6 +244,10 @@ class Store:
                         "labels": list(spec.labels),
                         "phase_timeout_s": spec.phase_timeout_s,
                         "params": dict(spec.params),
+                        "threshold": spec.threshold,
+                        "degree": spec.degree,
+                        "noise": spec.noise,
+                        "colluding": spec.colluding,
                     },
                     phase=phase,
                     reason="",
@@ -258,6 +267,16 @@ class Store:
             row.phase, row.reason, row.updated_at = phase, reason, now
             if release_id:
                 row.release_id = release_id
+
+    def unfinished_rounds(self) -> list[RoundSpec]:
+        """Specs of every round that neither completed nor aborted, oldest first."""
+        with self._session() as s:
+            rows = s.scalars(
+                select(_RoundRow)
+                .where(_RoundRow.phase.not_in(("complete", "aborted")))
+                .order_by(_RoundRow.created_at)
+            ).all()
+            return [_spec_from_row(row) for row in rows]
 
     def round_exists(self, round_id: str) -> bool:
         with self._session() as s:
@@ -490,6 +509,26 @@ class Store:
             for table in _Base.metadata.sorted_tables:
                 out[table.name] = [dict(r._mapping) for r in conn.execute(table.select())]
         return out
+
+
+def _spec_from_row(row: _RoundRow) -> RoundSpec:
+    spec = row.spec
+    return RoundSpec(
+        round_id=row.round_id,
+        kind=row.kind,
+        site_ids=tuple(row.site_ids),
+        length=int(spec["length"]),
+        bits=int(spec["bits"]),
+        scale=float(spec["scale"]),
+        clip_bound=float(spec["clip_bound"]),
+        labels=tuple(spec["labels"]),
+        phase_timeout_s=float(spec["phase_timeout_s"]),
+        params=dict(spec["params"]),
+        threshold=int(spec.get("threshold", 0)),
+        degree=int(spec.get("degree", 0)),
+        noise=str(spec.get("noise", "local")),
+        colluding=int(spec.get("colluding", 0)),
+    )
 
 
 def _events_query(site_id: str) -> Any:

@@ -28,26 +28,55 @@ class _RoundPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundPhase
     DESCRIPTOR: _descriptor.EnumDescriptor
     ROUND_PHASE_UNSPECIFIED: _RoundPhase.ValueType  # 0
     ROUND_PHASE_ADVERTISING: _RoundPhase.ValueType  # 1
-    """Waiting for every site's public key."""
+    """Waiting for the sites' signed keys."""
     ROUND_PHASE_COLLECTING: _RoundPhase.ValueType  # 2
-    """Keys complete; waiting for masked vectors."""
+    """Waiting for masked vectors."""
     ROUND_PHASE_COMPLETE: _RoundPhase.ValueType  # 3
     """The sum was recovered and stored as a release."""
     ROUND_PHASE_ABORTED: _RoundPhase.ValueType  # 4
     """The round ended without revealing anything."""
+    ROUND_PHASE_SHARING: _RoundPhase.ValueType  # 5
+    """Waiting for sealed shares."""
+    ROUND_PHASE_UNMASKING: _RoundPhase.ValueType  # 6
+    """Waiting for the shares that remove the masks."""
 
 class RoundPhase(_RoundPhase, metaclass=_RoundPhaseEnumTypeWrapper): ...
 
 ROUND_PHASE_UNSPECIFIED: RoundPhase.ValueType  # 0
 ROUND_PHASE_ADVERTISING: RoundPhase.ValueType  # 1
-"""Waiting for every site's public key."""
+"""Waiting for the sites' signed keys."""
 ROUND_PHASE_COLLECTING: RoundPhase.ValueType  # 2
-"""Keys complete; waiting for masked vectors."""
+"""Waiting for masked vectors."""
 ROUND_PHASE_COMPLETE: RoundPhase.ValueType  # 3
 """The sum was recovered and stored as a release."""
 ROUND_PHASE_ABORTED: RoundPhase.ValueType  # 4
 """The round ended without revealing anything."""
+ROUND_PHASE_SHARING: RoundPhase.ValueType  # 5
+"""Waiting for sealed shares."""
+ROUND_PHASE_UNMASKING: RoundPhase.ValueType  # 6
+"""Waiting for the shares that remove the masks."""
 Global___RoundPhase: _TypeAlias = RoundPhase  # noqa: Y015
+
+class _ShareKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShareKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShareKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARE_KIND_UNSPECIFIED: _ShareKind.ValueType  # 0
+    SHARE_KIND_SELF_MASK: _ShareKind.ValueType  # 1
+    """A share of a survivor's self-mask seed."""
+    SHARE_KIND_PAIR_KEY: _ShareKind.ValueType  # 2
+    """A share of a dropped site's mask private key."""
+
+class ShareKind(_ShareKind, metaclass=_ShareKindEnumTypeWrapper): ...
+
+SHARE_KIND_UNSPECIFIED: ShareKind.ValueType  # 0
+SHARE_KIND_SELF_MASK: ShareKind.ValueType  # 1
+"""A share of a survivor's self-mask seed."""
+SHARE_KIND_PAIR_KEY: ShareKind.ValueType  # 2
+"""A share of a dropped site's mask private key."""
+Global___ShareKind: _TypeAlias = ShareKind  # noqa: Y015
 
 @_typing.final
 class RoundSpec(_message.Message):
@@ -85,6 +114,10 @@ class RoundSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PHASE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    DEGREE_FIELD_NUMBER: _builtins.int
+    NOISE_FIELD_NUMBER: _builtins.int
+    COLLUDING_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     kind: _builtins.str
     """Registered explanation kind, e.g. "global_attribution"."""
@@ -96,10 +129,21 @@ class RoundSpec(_message.Message):
     clip_bound: _builtins.float
     """Per-record L2 clip bound of the contribution."""
     phase_timeout_s: _builtins.float
-    """Seconds every phase may take before the round aborts."""
+    """Seconds every phase may take before it closes with the sites that answered."""
+    threshold: _builtins.int
+    """Least number of contributions the released sum may hold (more than half the sites);
+    0 means floor(2n/3) + 1.
+    """
+    degree: _builtins.int
+    """SecAgg+ neighbour degree (even); 0 means every pair of sites masks."""
+    noise: _builtins.str
+    """"local": every site adds the full noise; "distributed": each adds a discrete
+    Gaussian share so the sum carries it after dropouts and `colluding` sites.
+    """
+    colluding: _builtins.int
     @_builtins.property
     def site_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The sites expected in the round."""
+        """The sites expected in the round; their order fixes their Shamir x-coordinates."""
 
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -122,10 +166,14 @@ class RoundSpec(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         phase_timeout_s: _builtins.float = ...,
         params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        threshold: _builtins.int = ...,
+        degree: _builtins.int = ...,
+        noise: _builtins.str = ...,
+        colluding: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip_bound", b"clip_bound", "kind", b"kind", "labels", b"labels", "length", b"length", "params", b"params", "phase_timeout_s", b"phase_timeout_s", "round_id", b"round_id", "scale", b"scale", "site_ids", b"site_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip_bound", b"clip_bound", "colluding", b"colluding", "degree", b"degree", "kind", b"kind", "labels", b"labels", "length", b"length", "noise", b"noise", "params", b"params", "phase_timeout_s", b"phase_timeout_s", "round_id", b"round_id", "scale", b"scale", "site_ids", b"site_ids", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -172,33 +220,66 @@ class OpenRoundResponse(_message.Message):
 Global___OpenRoundResponse: _TypeAlias = OpenRoundResponse  # noqa: Y015
 
 @_typing.final
-class AdvertiseKeyRequest(_message.Message):
+class SignedKeys(_message.Message):
+    """A site's two X25519 public keys for one round, signed with its Ed25519 identity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    CIPHER_PUBLIC_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    IDENTITY_PUBLIC_FIELD_NUMBER: _builtins.int
+    site_id: _builtins.str
+    cipher_public: _builtins.bytes
+    """32 bytes each."""
+    mask_public: _builtins.bytes
+    signature: _builtins.bytes
+    """64-byte Ed25519 signature over the length-prefixed round, site and both keys."""
+    identity_public: _builtins.bytes
+    """The signer's raw Ed25519 identity key, as the coordinator's registry holds it."""
+    def __init__(
+        self,
+        *,
+        site_id: _builtins.str = ...,
+        cipher_public: _builtins.bytes = ...,
+        mask_public: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        identity_public: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public", b"cipher_public", "identity_public", b"identity_public", "mask_public", b"mask_public", "signature", b"signature", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedKeys: _TypeAlias = SignedKeys  # noqa: Y015
+
+@_typing.final
+class AdvertiseKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUND_ID_FIELD_NUMBER: _builtins.int
-    SITE_ID_FIELD_NUMBER: _builtins.int
-    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
-    site_id: _builtins.str
-    public_key: _builtins.bytes
-    """Raw 32-byte X25519 public key."""
+    @_builtins.property
+    def keys(self) -> Global___SignedKeys: ...
     def __init__(
         self,
         *,
         round_id: _builtins.str = ...,
-        site_id: _builtins.str = ...,
-        public_key: _builtins.bytes = ...,
+        keys: Global___SignedKeys | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key", "round_id", b"round_id", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "round_id", b"round_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AdvertiseKeyRequest: _TypeAlias = AdvertiseKeyRequest  # noqa: Y015
+Global___AdvertiseKeysRequest: _TypeAlias = AdvertiseKeysRequest  # noqa: Y015
 
 @_typing.final
-class AdvertiseKeyResponse(_message.Message):
+class AdvertiseKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
@@ -215,7 +296,7 @@ class AdvertiseKeyResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AdvertiseKeyResponse: _TypeAlias = AdvertiseKeyResponse  # noqa: Y015
+Global___AdvertiseKeysResponse: _TypeAlias = AdvertiseKeysResponse  # noqa: Y015
 
 @_typing.final
 class GetPeerKeysRequest(_message.Message):
@@ -240,28 +321,6 @@ class GetPeerKeysRequest(_message.Message):
 Global___GetPeerKeysRequest: _TypeAlias = GetPeerKeysRequest  # noqa: Y015
 
 @_typing.final
-class PeerKey(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SITE_ID_FIELD_NUMBER: _builtins.int
-    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
-    site_id: _builtins.str
-    public_key: _builtins.bytes
-    def __init__(
-        self,
-        *,
-        site_id: _builtins.str = ...,
-        public_key: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["public_key", b"public_key", "site_id", b"site_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PeerKey: _TypeAlias = PeerKey  # noqa: Y015
-
-@_typing.final
 class GetPeerKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -270,14 +329,16 @@ class GetPeerKeysResponse(_message.Message):
     @_builtins.property
     def status(self) -> Global___RoundStatus: ...
     @_builtins.property
-    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerKey]:
-        """Empty until every expected site has advertised."""
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignedKeys]:
+        """Empty until the advertising phase has closed; then the signed keys of every
+        neighbour that advertised, this site's own included.
+        """
 
     def __init__(
         self,
         *,
         status: Global___RoundStatus | None = ...,
-        keys: _abc.Iterable[Global___PeerKey] | None = ...,
+        keys: _abc.Iterable[Global___SignedKeys] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -286,6 +347,129 @@ class GetPeerKeysResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPeerKeysResponse: _TypeAlias = GetPeerKeysResponse  # noqa: Y015
+
+@_typing.final
+class SealedShare(_message.Message):
+    """Shares of the sender's secrets for one receiver, sealed with AES-GCM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECEIVER_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    receiver: _builtins.str
+    ciphertext: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        receiver: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "receiver", b"receiver", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedShare: _TypeAlias = SealedShare  # noqa: Y015
+
+@_typing.final
+class ShareKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    site_id: _builtins.str
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        site_id: _builtins.str = ...,
+        shares: _abc.Iterable[Global___SealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "shares", b"shares", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysRequest: _TypeAlias = ShareKeysRequest  # noqa: Y015
+
+@_typing.final
+class ShareKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___RoundStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___RoundStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysResponse: _TypeAlias = ShareKeysResponse  # noqa: Y015
+
+@_typing.final
+class GetSharesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    site_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        site_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSharesRequest: _TypeAlias = GetSharesRequest  # noqa: Y015
+
+@_typing.final
+class GetSharesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    ready: _builtins.bool
+    """False until the sharing phase has closed."""
+    @_builtins.property
+    def status(self) -> Global___RoundStatus: ...
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]: ...
+    def __init__(
+        self,
+        *,
+        status: Global___RoundStatus | None = ...,
+        ready: _builtins.bool = ...,
+        shares: _abc.Iterable[Global___SealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready", b"ready", "shares", b"shares", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSharesResponse: _TypeAlias = GetSharesResponse  # noqa: Y015
 
 @_typing.final
 class SubmitMaskedRequest(_message.Message):
@@ -298,12 +482,10 @@ class SubmitMaskedRequest(_message.Message):
     NOISE_STD_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     site_id: _builtins.str
+    values: _builtins.bytes
+    """The masked contribution: `length` little-endian uint64 values, each < 2^bits."""
     noise_std: _builtins.float
-    """Standard deviation of the Gaussian noise the site added, per coordinate, before encoding."""
-    @_builtins.property
-    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The site's fixed-point contribution plus its pairwise masks, each value < 2^bits."""
-
+    """Standard deviation of the noise the site added, per coordinate, in decoded units."""
     @_builtins.property
     def cost(self) -> _common_pb2.PrivacyCost:
         """What producing this contribution cost the site."""
@@ -313,7 +495,7 @@ class SubmitMaskedRequest(_message.Message):
         *,
         round_id: _builtins.str = ...,
         site_id: _builtins.str = ...,
-        values: _abc.Iterable[_builtins.int] | None = ...,
+        values: _builtins.bytes = ...,
         cost: _common_pb2.PrivacyCost | None = ...,
         noise_std: _builtins.float = ...,
     ) -> None: ...
@@ -346,6 +528,136 @@ class SubmitMaskedResponse(_message.Message):
 Global___SubmitMaskedResponse: _TypeAlias = SubmitMaskedResponse  # noqa: Y015
 
 @_typing.final
+class GetUnmaskRequestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    site_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        site_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUnmaskRequestRequest: _TypeAlias = GetUnmaskRequestRequest  # noqa: Y015
+
+@_typing.final
+class GetUnmaskRequestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    ready: _builtins.bool
+    """False until the collecting phase has closed."""
+    @_builtins.property
+    def status(self) -> Global___RoundStatus: ...
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sites whose contributions are in the sum, and sites that shared keys but did not
+        submit. A site refuses a request that names one site in both.
+        """
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        status: Global___RoundStatus | None = ...,
+        ready: _builtins.bool = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+        dropped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "ready", b"ready", "status", b"status", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUnmaskRequestResponse: _TypeAlias = GetUnmaskRequestResponse  # noqa: Y015
+
+@_typing.final
+class RevealedShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    kind: Global___ShareKind.ValueType
+    share: _builtins.bytes
+    """68 bytes: a 2-byte x-coordinate and a 66-byte value in the field of 2^521 - 1."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        kind: Global___ShareKind.ValueType = ...,
+        share: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "owner", b"owner", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealedShare: _TypeAlias = RevealedShare  # noqa: Y015
+
+@_typing.final
+class UnmaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    site_id: _builtins.str
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevealedShare]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        site_id: _builtins.str = ...,
+        shares: _abc.Iterable[Global___RevealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "shares", b"shares", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnmaskRequest: _TypeAlias = UnmaskRequest  # noqa: Y015
+
+@_typing.final
+class UnmaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___RoundStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___RoundStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnmaskResponse: _TypeAlias = UnmaskResponse  # noqa: Y015
+
+@_typing.final
 class GetRoundStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -374,16 +686,25 @@ class RoundStatus(_message.Message):
     SUBMITTED_FIELD_NUMBER: _builtins.int
     RELEASE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    UNMASKED_FIELD_NUMBER: _builtins.int
+    SECONDS_LEFT_FIELD_NUMBER: _builtins.int
     round_id: _builtins.str
     phase: Global___RoundPhase.ValueType
     release_id: _builtins.str
     """Set when the phase is COMPLETE."""
     reason: _builtins.str
     """Set when the phase is ABORTED."""
+    seconds_left: _builtins.float
+    """Seconds until the current phase's deadline (0 once the round has ended)."""
     @_builtins.property
     def advertised(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def submitted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def shared(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def unmasked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -393,10 +714,13 @@ class RoundStatus(_message.Message):
         submitted: _abc.Iterable[_builtins.str] | None = ...,
         release_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        shared: _abc.Iterable[_builtins.str] | None = ...,
+        unmasked: _abc.Iterable[_builtins.str] | None = ...,
+        seconds_left: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertised", b"advertised", "phase", b"phase", "reason", b"reason", "release_id", b"release_id", "round_id", b"round_id", "submitted", b"submitted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertised", b"advertised", "phase", b"phase", "reason", b"reason", "release_id", b"release_id", "round_id", b"round_id", "seconds_left", b"seconds_left", "shared", b"shared", "submitted", b"submitted", "unmasked", b"unmasked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

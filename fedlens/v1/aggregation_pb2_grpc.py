@@ -26,9 +26,13 @@ if _version_not_supported:
 
 
 class AggregationStub:
-    """Secure aggregation of site contributions. The coordinator opens a round; every site
-    advertises an X25519 public key, fetches its peers' keys, and submits its contribution
-    masked with pairwise masks. The aggregator only ever learns the sum.
+    """Secure aggregation of site contributions (Bonawitz et al. 2017, with the SecAgg+
+    neighbour graph as an option). The coordinator opens a round; every site advertises two
+    X25519 keys signed with its Ed25519 identity, seals Shamir shares of its secrets for its
+    neighbours, submits its contribution masked with a self mask and pairwise masks, and
+    finally reveals the shares that remove the masks of survivors and dropped sites. The
+    aggregator only ever learns the sum of at least `threshold` contributions. Each Get*
+    call is a poll: its payload is empty until the phase it waits for has closed.
     """
 
     def __init__(self, channel):
@@ -42,20 +46,40 @@ class AggregationStub:
                 request_serializer=fedlens_dot_v1_dot_aggregation__pb2.OpenRoundRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.OpenRoundResponse.FromString,
                 _registered_method=True)
-        self.AdvertiseKey = channel.unary_unary(
-                '/fedlens.v1.Aggregation/AdvertiseKey',
-                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeyRequest.SerializeToString,
-                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeyResponse.FromString,
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedlens.v1.Aggregation/AdvertiseKeys',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeysResponse.FromString,
                 _registered_method=True)
         self.GetPeerKeys = channel.unary_unary(
                 '/fedlens.v1.Aggregation/GetPeerKeys',
                 request_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetPeerKeysRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetPeerKeysResponse.FromString,
                 _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedlens.v1.Aggregation/ShareKeys',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.ShareKeysResponse.FromString,
+                _registered_method=True)
+        self.GetShares = channel.unary_unary(
+                '/fedlens.v1.Aggregation/GetShares',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetSharesRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetSharesResponse.FromString,
+                _registered_method=True)
         self.SubmitMasked = channel.unary_unary(
                 '/fedlens.v1.Aggregation/SubmitMasked',
                 request_serializer=fedlens_dot_v1_dot_aggregation__pb2.SubmitMaskedRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.SubmitMaskedResponse.FromString,
+                _registered_method=True)
+        self.GetUnmaskRequest = channel.unary_unary(
+                '/fedlens.v1.Aggregation/GetUnmaskRequest',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetUnmaskRequestRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetUnmaskRequestResponse.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/fedlens.v1.Aggregation/Unmask',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.UnmaskResponse.FromString,
                 _registered_method=True)
         self.GetRoundStatus = channel.unary_unary(
                 '/fedlens.v1.Aggregation/GetRoundStatus',
@@ -80,9 +104,13 @@ class AggregationStub:
 
 
 class AggregationServicer:
-    """Secure aggregation of site contributions. The coordinator opens a round; every site
-    advertises an X25519 public key, fetches its peers' keys, and submits its contribution
-    masked with pairwise masks. The aggregator only ever learns the sum.
+    """Secure aggregation of site contributions (Bonawitz et al. 2017, with the SecAgg+
+    neighbour graph as an option). The coordinator opens a round; every site advertises two
+    X25519 keys signed with its Ed25519 identity, seals Shamir shares of its secrets for its
+    neighbours, submits its contribution masked with a self mask and pairwise masks, and
+    finally reveals the shares that remove the masks of survivors and dropped sites. The
+    aggregator only ever learns the sum of at least `threshold` contributions. Each Get*
+    call is a poll: its payload is empty until the phase it waits for has closed.
     """
 
     def OpenRound(self, request, context):
@@ -91,7 +119,7 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AdvertiseKey(self, request, context):
+    def AdvertiseKeys(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,7 +131,31 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitMasked(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUnmaskRequest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +169,8 @@ class AggregationServicer:
 
     def DeclineRound(self, request, context):
         """A site that will not contribute (its budget is spent, its data cannot be explained)
-        says so; the round aborts at once, revealing nothing, instead of at its deadline.
+        says so; it counts as dropped from then on, and the round aborts, revealing nothing,
+        only if fewer than `threshold` sites remain.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,20 +202,40 @@ def add_AggregationServicer_to_server(servicer, server):
                     request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.OpenRoundRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_aggregation__pb2.OpenRoundResponse.SerializeToString,
             ),
-            'AdvertiseKey': grpc.unary_unary_rpc_method_handler(
-                    servicer.AdvertiseKey,
-                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeyRequest.FromString,
-                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeyResponse.SerializeToString,
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeysResponse.SerializeToString,
             ),
             'GetPeerKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPeerKeys,
                     request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetPeerKeysRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetPeerKeysResponse.SerializeToString,
             ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'GetShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShares,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetSharesRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetSharesResponse.SerializeToString,
+            ),
             'SubmitMasked': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitMasked,
                     request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.SubmitMaskedRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_aggregation__pb2.SubmitMaskedResponse.SerializeToString,
+            ),
+            'GetUnmaskRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnmaskRequest,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetUnmaskRequestRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetUnmaskRequestResponse.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.UnmaskRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.UnmaskResponse.SerializeToString,
             ),
             'GetRoundStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoundStatus,
@@ -193,9 +266,13 @@ def add_AggregationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Aggregation:
-    """Secure aggregation of site contributions. The coordinator opens a round; every site
-    advertises an X25519 public key, fetches its peers' keys, and submits its contribution
-    masked with pairwise masks. The aggregator only ever learns the sum.
+    """Secure aggregation of site contributions (Bonawitz et al. 2017, with the SecAgg+
+    neighbour graph as an option). The coordinator opens a round; every site advertises two
+    X25519 keys signed with its Ed25519 identity, seals Shamir shares of its secrets for its
+    neighbours, submits its contribution masked with a self mask and pairwise masks, and
+    finally reveals the shares that remove the masks of survivors and dropped sites. The
+    aggregator only ever learns the sum of at least `threshold` contributions. Each Get*
+    call is a poll: its payload is empty until the phase it waits for has closed.
     """
 
     @staticmethod
@@ -226,7 +303,7 @@ class Aggregation:
             _registered_method=True)
 
     @staticmethod
-    def AdvertiseKey(request,
+    def AdvertiseKeys(request,
             target,
             options=(),
             channel_credentials=None,
@@ -239,9 +316,9 @@ class Aggregation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedlens.v1.Aggregation/AdvertiseKey',
-            fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeyRequest.SerializeToString,
-            fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeyResponse.FromString,
+            '/fedlens.v1.Aggregation/AdvertiseKeys',
+            fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.AdvertiseKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -280,6 +357,60 @@ class Aggregation:
             _registered_method=True)
 
     @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/ShareKeys',
+            fedlens_dot_v1_dot_aggregation__pb2.ShareKeysRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/GetShares',
+            fedlens_dot_v1_dot_aggregation__pb2.GetSharesRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.GetSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SubmitMasked(request,
             target,
             options=(),
@@ -296,6 +427,60 @@ class Aggregation:
             '/fedlens.v1.Aggregation/SubmitMasked',
             fedlens_dot_v1_dot_aggregation__pb2.SubmitMaskedRequest.SerializeToString,
             fedlens_dot_v1_dot_aggregation__pb2.SubmitMaskedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUnmaskRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/GetUnmaskRequest',
+            fedlens_dot_v1_dot_aggregation__pb2.GetUnmaskRequestRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.GetUnmaskRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/Unmask',
+            fedlens_dot_v1_dot_aggregation__pb2.UnmaskRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.UnmaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

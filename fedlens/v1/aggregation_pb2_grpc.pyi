@@ -27,9 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AggregationStub:
-    """Secure aggregation of site contributions. The coordinator opens a round; every site
-    advertises an X25519 public key, fetches its peers' keys, and submits its contribution
-    masked with pairwise masks. The aggregator only ever learns the sum.
+    """Secure aggregation of site contributions (Bonawitz et al. 2017, with the SecAgg+
+    neighbour graph as an option). The coordinator opens a round; every site advertises two
+    X25519 keys signed with its Ed25519 identity, seals Shamir shares of its secrets for its
+    neighbours, submits its contribution masked with a self mask and pairwise masks, and
+    finally reveals the shares that remove the masks of survivors and dropped sites. The
+    aggregator only ever learns the sum of at least `threshold` contributions. Each Get*
+    call is a poll: its payload is empty until the phase it waits for has closed.
     """
 
     @_typing.overload
@@ -37,13 +41,18 @@ class AggregationStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AggregationAsyncStub: ...
     OpenRound: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.OpenRoundRequest, _aggregation_pb2.OpenRoundResponse]
-    AdvertiseKey: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.AdvertiseKeyRequest, _aggregation_pb2.AdvertiseKeyResponse]
+    AdvertiseKeys: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.AdvertiseKeysRequest, _aggregation_pb2.AdvertiseKeysResponse]
     GetPeerKeys: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetPeerKeysRequest, _aggregation_pb2.GetPeerKeysResponse]
+    ShareKeys: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.ShareKeysRequest, _aggregation_pb2.ShareKeysResponse]
+    GetShares: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetSharesRequest, _aggregation_pb2.GetSharesResponse]
     SubmitMasked: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.SubmitMaskedRequest, _aggregation_pb2.SubmitMaskedResponse]
+    GetUnmaskRequest: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetUnmaskRequestRequest, _aggregation_pb2.GetUnmaskRequestResponse]
+    Unmask: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.UnmaskRequest, _aggregation_pb2.UnmaskResponse]
     GetRoundStatus: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetRoundStatusRequest, _aggregation_pb2.RoundStatus]
     DeclineRound: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.DeclineRoundRequest, _aggregation_pb2.DeclineRoundResponse]
     """A site that will not contribute (its budget is spent, its data cannot be explained)
-    says so; the round aborts at once, revealing nothing, instead of at its deadline.
+    says so; it counts as dropped from then on, and the round aborts, revealing nothing,
+    only if fewer than `threshold` sites remain.
     """
     ReportLedger: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.ReportLedgerRequest, _aggregation_pb2.ReportLedgerResponse]
     """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
@@ -58,20 +67,29 @@ class AggregationStub:
 
 @_typing.type_check_only
 class AggregationAsyncStub(AggregationStub):
-    """Secure aggregation of site contributions. The coordinator opens a round; every site
-    advertises an X25519 public key, fetches its peers' keys, and submits its contribution
-    masked with pairwise masks. The aggregator only ever learns the sum.
+    """Secure aggregation of site contributions (Bonawitz et al. 2017, with the SecAgg+
+    neighbour graph as an option). The coordinator opens a round; every site advertises two
+    X25519 keys signed with its Ed25519 identity, seals Shamir shares of its secrets for its
+    neighbours, submits its contribution masked with a self mask and pairwise masks, and
+    finally reveals the shares that remove the masks of survivors and dropped sites. The
+    aggregator only ever learns the sum of at least `threshold` contributions. Each Get*
+    call is a poll: its payload is empty until the phase it waits for has closed.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     OpenRound: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.OpenRoundRequest, _aggregation_pb2.OpenRoundResponse]  # type: ignore[assignment]
-    AdvertiseKey: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.AdvertiseKeyRequest, _aggregation_pb2.AdvertiseKeyResponse]  # type: ignore[assignment]
+    AdvertiseKeys: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.AdvertiseKeysRequest, _aggregation_pb2.AdvertiseKeysResponse]  # type: ignore[assignment]
     GetPeerKeys: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetPeerKeysRequest, _aggregation_pb2.GetPeerKeysResponse]  # type: ignore[assignment]
+    ShareKeys: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.ShareKeysRequest, _aggregation_pb2.ShareKeysResponse]  # type: ignore[assignment]
+    GetShares: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetSharesRequest, _aggregation_pb2.GetSharesResponse]  # type: ignore[assignment]
     SubmitMasked: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.SubmitMaskedRequest, _aggregation_pb2.SubmitMaskedResponse]  # type: ignore[assignment]
+    GetUnmaskRequest: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetUnmaskRequestRequest, _aggregation_pb2.GetUnmaskRequestResponse]  # type: ignore[assignment]
+    Unmask: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.UnmaskRequest, _aggregation_pb2.UnmaskResponse]  # type: ignore[assignment]
     GetRoundStatus: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetRoundStatusRequest, _aggregation_pb2.RoundStatus]  # type: ignore[assignment]
     DeclineRound: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.DeclineRoundRequest, _aggregation_pb2.DeclineRoundResponse]  # type: ignore[assignment]
     """A site that will not contribute (its budget is spent, its data cannot be explained)
-    says so; the round aborts at once, revealing nothing, instead of at its deadline.
+    says so; it counts as dropped from then on, and the round aborts, revealing nothing,
+    only if fewer than `threshold` sites remain.
     """
     ReportLedger: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.ReportLedgerRequest, _aggregation_pb2.ReportLedgerResponse]  # type: ignore[assignment]
     """Mirror a site's ledger at the coordinator, which then refuses rounds the site could
@@ -85,9 +103,13 @@ class AggregationAsyncStub(AggregationStub):
     """
 
 class AggregationServicer(metaclass=_abc_1.ABCMeta):
-    """Secure aggregation of site contributions. The coordinator opens a round; every site
-    advertises an X25519 public key, fetches its peers' keys, and submits its contribution
-    masked with pairwise masks. The aggregator only ever learns the sum.
+    """Secure aggregation of site contributions (Bonawitz et al. 2017, with the SecAgg+
+    neighbour graph as an option). The coordinator opens a round; every site advertises two
+    X25519 keys signed with its Ed25519 identity, seals Shamir shares of its secrets for its
+    neighbours, submits its contribution masked with a self mask and pairwise masks, and
+    finally reveals the shares that remove the masks of survivors and dropped sites. The
+    aggregator only ever learns the sum of at least `threshold` contributions. Each Get*
+    call is a poll: its payload is empty until the phase it waits for has closed.
     """
 
     @_abc_1.abstractmethod
@@ -98,11 +120,11 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_aggregation_pb2.OpenRoundResponse, _abc.Awaitable[_aggregation_pb2.OpenRoundResponse]]: ...
 
     @_abc_1.abstractmethod
-    def AdvertiseKey(
+    def AdvertiseKeys(
         self,
-        request: _aggregation_pb2.AdvertiseKeyRequest,
+        request: _aggregation_pb2.AdvertiseKeysRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_aggregation_pb2.AdvertiseKeyResponse, _abc.Awaitable[_aggregation_pb2.AdvertiseKeyResponse]]: ...
+    ) -> _typing.Union[_aggregation_pb2.AdvertiseKeysResponse, _abc.Awaitable[_aggregation_pb2.AdvertiseKeysResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetPeerKeys(
@@ -112,11 +134,39 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_aggregation_pb2.GetPeerKeysResponse, _abc.Awaitable[_aggregation_pb2.GetPeerKeysResponse]]: ...
 
     @_abc_1.abstractmethod
+    def ShareKeys(
+        self,
+        request: _aggregation_pb2.ShareKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.ShareKeysResponse, _abc.Awaitable[_aggregation_pb2.ShareKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetShares(
+        self,
+        request: _aggregation_pb2.GetSharesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.GetSharesResponse, _abc.Awaitable[_aggregation_pb2.GetSharesResponse]]: ...
+
+    @_abc_1.abstractmethod
     def SubmitMasked(
         self,
         request: _aggregation_pb2.SubmitMaskedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_aggregation_pb2.SubmitMaskedResponse, _abc.Awaitable[_aggregation_pb2.SubmitMaskedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUnmaskRequest(
+        self,
+        request: _aggregation_pb2.GetUnmaskRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.GetUnmaskRequestResponse, _abc.Awaitable[_aggregation_pb2.GetUnmaskRequestResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Unmask(
+        self,
+        request: _aggregation_pb2.UnmaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.UnmaskResponse, _abc.Awaitable[_aggregation_pb2.UnmaskResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetRoundStatus(
@@ -132,7 +182,8 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_aggregation_pb2.DeclineRoundResponse, _abc.Awaitable[_aggregation_pb2.DeclineRoundResponse]]:
         """A site that will not contribute (its budget is spent, its data cannot be explained)
-        says so; the round aborts at once, revealing nothing, instead of at its deadline.
+        says so; it counts as dropped from then on, and the round aborts, revealing nothing,
+        only if fewer than `threshold` sites remain.
         """
 
     @_abc_1.abstractmethod

@@ -17,10 +17,10 @@ from fedlens.errors import (
 )
 from fedlens.secagg_types import EncryptedShare, SecAggPhase, SignedKeys
 from privacy.secagg_crypto import raw_public
+from privacy.secagg_local import PHASES, identities, run_round
 from privacy.secagg_params import SecAggParams, default_threshold
 from privacy.secagg_server import ServerSession
 from privacy.secagg_site import SiteSession
-from tests.privacy.secagg_driver import PHASES, identities, run_round
 
 BITS = 40
 

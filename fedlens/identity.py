@@ -89,6 +89,12 @@ class IdentityFiles:
     def fingerprint(self) -> str:
         return fingerprint(self.public_key)
 
+    def __repr__(self) -> str:
+        return (
+            f"IdentityFiles(site_id={self.site_id!r}, private_key={str(self.private_key)!r}, "
+            f"public_key_file={str(self.public_key_file)!r}, public_key={self.fingerprint})"
+        )
+
 
 @dataclass(frozen=True)
 class TlsFiles:

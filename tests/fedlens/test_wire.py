@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from fedlens import wire
 from fedlens.errors import IntegrityError
+from fedlens.secagg_types import EncryptedShare, RevealedShare, ShareKind, SignedKeys
 from fedlens.types import (
-    KeyAdvertisement,
     MaskedSubmission,
     PrivacyCost,
     Release,
@@ -40,6 +40,10 @@ specs = st.builds(
     labels=ids,
     phase_timeout_s=finite,
     params=params,
+    threshold=st.integers(0, 2**32 - 1),
+    degree=st.integers(0, 2**32 - 1),
+    noise=st.sampled_from(["local", "distributed"]),
+    colluding=st.integers(0, 2**32 - 1),
 )
 statuses = st.builds(
     RoundStatus,
@@ -49,10 +53,39 @@ statuses = st.builds(
     submitted=ids,
     release_id=text,
     reason=text,
+    shared=ids,
+    unmasked=ids,
+    seconds_left=finite,
 )
-adverts = st.builds(
-    KeyAdvertisement, round_id=text, site_id=text, public_key=st.binary(max_size=40)
+keys = st.builds(
+    SignedKeys,
+    round_id=text,
+    site_id=text,
+    cipher_public=st.binary(max_size=40),
+    mask_public=st.binary(max_size=40),
+    signature=st.binary(max_size=70),
 )
+sealed = st.lists(
+    st.builds(
+        EncryptedShare,
+        round_id=st.just("r"),
+        sender=text,
+        receiver=text,
+        ciphertext=st.binary(max_size=200),
+    ),
+    max_size=4,
+).map(tuple)
+revealed = st.lists(
+    st.builds(
+        RevealedShare,
+        round_id=st.just("r"),
+        sender=st.just("s"),
+        owner=text,
+        kind=st.sampled_from(list(ShareKind)),
+        share=st.binary(max_size=70),
+    ),
+    max_size=4,
+).map(tuple)
 submissions = st.builds(
     MaskedSubmission,
     round_id=text,
@@ -89,7 +122,6 @@ PAIRS = [
     (costs, wire.privacy_cost_to_proto, wire.privacy_cost_from_proto),
     (specs, wire.round_spec_to_proto, wire.round_spec_from_proto),
     (statuses, wire.round_status_to_proto, wire.round_status_from_proto),
-    (adverts, wire.key_advertisement_to_proto, wire.key_advertisement_from_proto),
     (submissions, wire.masked_submission_to_proto, wire.masked_submission_from_proto),
     (releases, wire.release_to_proto, wire.release_from_proto),
     (summaries, wire.release_summary_to_proto, wire.release_summary_from_proto),
@@ -112,3 +144,32 @@ def test_unknown_phase_is_an_integrity_error() -> None:
     msg = aggregation_pb2.RoundStatus(round_id="r", phase=aggregation_pb2.ROUND_PHASE_UNSPECIFIED)
     with pytest.raises(IntegrityError, match="unknown phase"):
         wire.round_status_from_proto(msg)
+
+
+@given(keys, st.binary(min_size=32, max_size=32))
+def test_signed_keys_round_trip_with_the_identity(k: SignedKeys, identity: bytes) -> None:
+    msg = aggregation_pb2.SignedKeys.FromString(
+        wire.signed_keys_to_proto(k, identity).SerializeToString()
+    )
+    assert wire.signed_keys_from_proto(k.round_id, msg) == k
+    assert msg.identity_public == identity
+
+
+@given(sealed)
+def test_sealed_shares_round_trip(shares: tuple[EncryptedShare, ...]) -> None:
+    request = aggregation_pb2.ShareKeysRequest(shares=wire.sealed_shares_to_proto(shares))
+    again = aggregation_pb2.ShareKeysRequest.FromString(request.SerializeToString())
+    assert wire.sealed_shares_from_proto("r", again.shares) == shares
+
+
+@given(revealed)
+def test_revealed_shares_round_trip(shares: tuple[RevealedShare, ...]) -> None:
+    request = aggregation_pb2.UnmaskRequest(shares=wire.revealed_shares_to_proto(shares))
+    again = aggregation_pb2.UnmaskRequest.FromString(request.SerializeToString())
+    assert wire.revealed_shares_from_proto("r", "s", again.shares) == shares
+
+
+def test_torn_masked_values_are_an_integrity_error() -> None:
+    msg = aggregation_pb2.SubmitMaskedRequest(round_id="r", site_id="s", values=b"\x00" * 9)
+    with pytest.raises(IntegrityError, match="whole uint64"):
+        wire.masked_submission_from_proto(msg)

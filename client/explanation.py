@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
@@ -30,7 +30,12 @@ from privacy import (
     LedgerEvent,
     NoiseSource,
     PrivacyLedger,
+    calibrate_shares,
+    discrete_gaussian_noise_multiplier,
+    encoded_sensitivity,
+    epsilon_of_discrete_gaussian,
     gaussian_noise_multiplier,
+    sample_discrete_gaussian,
 )
 from privacy.secagg_params import SecAggParams
 from privacy.secagg_site import SiteSession
@@ -68,14 +73,15 @@ class ExplainRequest:
     params: Mapping[str, str] = field(default_factory=dict)
     threshold: int = 0
     degree: int = 0
+    noise: str = "local"
+    colluding: int = 0
 
     def protocol_params(self, length: int) -> SecAggParams:
         """The secure-aggregation parameters of this round, as the aggregator derives them."""
-        n = len(self.site_ids)
         return SecAggParams(
             round_id=self.round_id,
             site_ids=tuple(self.site_ids),
-            threshold=self.threshold or min(n, (2 * n) // 3 + 1),
+            threshold=self.effective_threshold,
             length=length,
             bits=self.bits,
             degree=self.degree,
@@ -88,6 +94,13 @@ class ExplainRequest:
                 raise ConfigurationError(f"{name} must be finite and > 0, got {value}")
         if not 0 < self.delta < 1:
             raise ConfigurationError(f"delta must be in (0, 1), got {self.delta}")
+        if self.noise not in ("local", "distributed"):
+            raise ConfigurationError(f"noise must be local or distributed, got {self.noise!r}")
+
+    @property
+    def effective_threshold(self) -> int:
+        n = len(self.site_ids)
+        return self.threshold or min(n, (2 * n) // 3 + 1)
 
 
 @dataclass(frozen=True)
@@ -141,9 +154,15 @@ def contribute_explanation(
     if site_id not in request.site_ids:
         raise ConfigurationError(f"site {site_id!r} is not among the round's sites")
     kind = get_kind(request.kind)
-    z = gaussian_noise_multiplier(request.epsilon, request.delta)
+    distributed = request.noise == "distributed"
+    if distributed:
+        # The target of the noise in the sum; the site's ledger records the slightly
+        # smaller effective multiplier of the sum of shares once the length is known.
+        z = discrete_gaussian_noise_multiplier(request.epsilon, request.delta)
+    else:
+        z = gaussian_noise_multiplier(request.epsilon, request.delta)
     event = LedgerEvent(
-        kind="gaussian",
+        kind="discrete_gaussian" if distributed else "gaussian",
         noise_multiplier=z,
         label=f"{request.kind} {request.round_id}",
         created_at=now,
@@ -214,20 +233,25 @@ def _contribute(
         # Called once the neighbours have shared keys: a round that never gathers its
         # sites costs nobody anything. The spend is recorded before anything noised
         # leaves the site.
-        epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
-        std = z * l2_sensitivity(request.clip_bound)
-        noised = contribution.vector + rng.normal(contribution.vector.size, std)
-        # Clamping to the range the round's encoding reserves for one site is
-        # post-processing of a DP value; it rules out wrap-around in the sum.
         codec = FixedPointCodec(bits=request.bits, scale=request.scale)
         limit = per_site_limit(codec, len(request.site_ids))
-        encoded = codec.encode(np.clip(noised, -limit, limit), rng)
-        cost = PrivacyCost(
-            site_id=site_id,
-            epsilon=request.epsilon,
-            delta=request.delta,
-            epsilon_total=epsilon_total,
-        )
+        if request.noise == "distributed":
+            encoded, std, cost = _distributed_input(
+                request, site_id, contribution.vector, event, ledger, store, rng, codec, limit
+            )
+        else:
+            epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
+            std = z * l2_sensitivity(request.clip_bound)
+            noised = contribution.vector + rng.normal(contribution.vector.size, std)
+            # Clamping to the range the round's encoding reserves for one site is
+            # post-processing of a DP value; it rules out wrap-around in the sum.
+            encoded = codec.encode(np.clip(noised, -limit, limit), rng)
+            cost = PrivacyCost(
+                site_id=site_id,
+                epsilon=request.epsilon,
+                delta=request.delta,
+                epsilon_total=epsilon_total,
+            )
         spent.append((cost, std))
         return SiteInput(encoded, cost, std)
 
@@ -236,6 +260,49 @@ def _contribute(
         raise ProtocolError(f"round {request.round_id} ended before this site submitted")
     cost, std = spent[0]
     return contribution, cost, std, status
+
+
+def _distributed_input(
+    request: ExplainRequest,
+    site_id: str,
+    vector: np.ndarray,
+    target: LedgerEvent,
+    ledger: PrivacyLedger,
+    store: LedgerStore,
+    rng: NoiseSource,
+    codec: FixedPointCodec,
+    limit: float,
+) -> tuple[np.ndarray, float, PrivacyCost]:
+    """Encode the clipped sum and add this site's discrete Gaussian share of the noise.
+
+    The share is sized (:func:`privacy.calibrate_shares`) so that the at least
+    ``threshold - colluding`` honest sites in any released sum carry the target noise;
+    the ledger records the sum's effective noise multiplier (Kairouz, Liu, Steinke 2021).
+    Clamping the raw sum to the site's range is 1-Lipschitz per coordinate, so it does
+    not raise the sensitivity.
+    """
+    dimension = vector.size
+    calibration = calibrate_shares(
+        noise_multiplier=target.noise_multiplier,
+        sensitivity=encoded_sensitivity(
+            l2_sensitivity(request.clip_bound), request.scale, dimension
+        ),
+        dimension=dimension,
+        threshold=request.effective_threshold,
+        colluding=request.colluding,
+    )
+    event = replace(target, noise_multiplier=calibration.effective_noise_multiplier)
+    epsilon_total = store.spend(event, ledger.budget_epsilon, ledger.delta)
+    encoded = codec.encode(np.clip(vector, -limit, limit), rng)
+    share = sample_discrete_gaussian(dimension, calibration.share_sigma, rng)
+    encoded = (encoded + share.view(np.uint64)) & np.uint64(codec.modulus - 1)
+    cost = PrivacyCost(
+        site_id=site_id,
+        epsilon=epsilon_of_discrete_gaussian(calibration.effective_noise_multiplier, request.delta),
+        delta=request.delta,
+        epsilon_total=epsilon_total,
+    )
+    return encoded, calibration.share_sigma / request.scale, cost
 
 
 def per_site_limit(codec: FixedPointCodec, num_sites: int) -> float:

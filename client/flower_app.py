@@ -77,6 +77,8 @@ def explain_request_from_config(cfg: ConfigRecord) -> ExplainRequest:
         params={str(k): str(v) for k, v in params.items()},
         threshold=_field(cfg, "threshold", int),
         degree=_field(cfg, "degree", int),
+        noise=_field(cfg, "noise", str),
+        colluding=_field(cfg, "colluding", int),
     )
 
 

@@ -51,6 +51,11 @@ class RunConfig(BaseModel):
     # and the SecAgg+ neighbour degree (0: every pair of sites masks).
     secagg_threshold: int = Field(0, ge=0, alias="secagg-threshold")
     secagg_degree: int = Field(0, ge=0, alias="secagg-degree")
+    # Noise placement: "local" (every site adds the full Gaussian noise) or
+    # "distributed" (each adds a discrete Gaussian share so the sum carries the noise
+    # after dropouts down to the threshold and `secagg-colluding` sites colluding).
+    secagg_noise: Literal["local", "distributed"] = Field("local", alias="secagg-noise")
+    secagg_colluding: int = Field(0, ge=0, alias="secagg-colluding")
     aggregator: str = "127.0.0.1:50151"
     phase_timeout_s: float = Field(90.0, gt=0, alias="phase-timeout")
     out_dir: str = Field("", alias="out-dir")

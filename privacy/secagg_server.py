@@ -21,9 +21,11 @@ nothing: the running sum is never decoded or returned.
 
 Guarantees and assumptions: the aggregator is honest-but-curious; every message is fully
 validated before any state changes, so a rejected message (wrong phase, duplicate, wrong
-length, out of field, bad signature) leaves the round as it was. Masked vectors are added
-as they arrive and not kept, so memory is O(length) for the sum plus O(n · degree) for
-keys and sealed shares. Time is passed in as ``now`` (wall-clock seconds); a phase that
+length, out of field, bad signature) leaves the round as it was. A message repeating one
+already accepted is refused as a duplicate even after the phase it closed, so a site that
+retries a call whose reply it lost can tell that the call counted. Masked vectors are
+added as they arrive and not kept, so memory is O(length) for the sum plus O(n · degree)
+for keys and sealed shares. Time is passed in as ``now`` (wall-clock seconds); a phase that
 ends at its deadline starts the next one at that deadline, not at the moment someone
 noticed, so replaying the same calls with the same ``now`` values rebuilds the same state
 (the coordinator relies on this to resume a round after a restart).
@@ -82,7 +84,7 @@ class ServerSession:
         self._timeout = phase_timeout_s
         self._phase = SecAggPhase.ADVERTISING
         self._deadline = now + phase_timeout_s
-        self._withdrawn: set[str] = set()
+        self._withdrawn: dict[str, str] = {}
         self._keys: dict[str, SignedKeys] = {}
         self._shares: dict[str, tuple[EncryptedShare, ...]] = {}
         self._submitted: list[str] = []
@@ -166,9 +168,9 @@ class ServerSession:
     def advertise(self, keys: SignedKeys, identity_public: bytes, *, now: float) -> None:
         """Accept a site's signed keys, checked against its enrolled identity key."""
         site = keys.site_id
-        self._expect(site, SecAggPhase.ADVERTISING, now, keys.round_id)
         if site in self._keys:
             raise DuplicateSubmissionError(f"site {site} already advertised keys")
+        self._expect(site, SecAggPhase.ADVERTISING, now, keys.round_id)
         crypto.verify_advertisement(
             identity_public,
             keys.signature,
@@ -188,11 +190,11 @@ class ServerSession:
 
     def share(self, site_id: str, shares: Sequence[EncryptedShare], *, now: float) -> None:
         """Accept a site's sealed shares: exactly one per advertised neighbour."""
+        if site_id in self._shares:
+            raise DuplicateSubmissionError(f"site {site_id} already sent its shares")
         self._expect(site_id, SecAggPhase.SHARING, now)
         if site_id not in self._keys:
             raise StaleRoundError(f"site {site_id} did not advertise keys in time")
-        if site_id in self._shares:
-            raise DuplicateSubmissionError(f"site {site_id} already sent its shares")
         expected = (self.params.closed(site_id) & set(self._keys)) - {site_id}
         receivers = [item.receiver for item in shares]
         if len(set(receivers)) != len(receivers) or set(receivers) != expected:
@@ -217,11 +219,11 @@ class ServerSession:
         ``values=None`` records the submission without adding anything; only a restore
         whose running sum already holds the vector may use it.
         """
+        if site_id in self._submitted:
+            raise DuplicateSubmissionError(f"site {site_id} already submitted its vector")
         self._expect(site_id, SecAggPhase.COLLECTING, now)
         if site_id not in self._shares:
             raise StaleRoundError(f"site {site_id} did not share keys in time")
-        if site_id in self._submitted:
-            raise DuplicateSubmissionError(f"site {site_id} already submitted its vector")
         if values is not None:
             array = np.asarray(values)
             if array.shape != (self.params.length,):
@@ -249,11 +251,11 @@ class ServerSession:
 
     def unmask(self, site_id: str, revealed: Sequence[RevealedShare], *, now: float) -> None:
         """Accept a surviving site's revealed shares, checking each one's owner and kind."""
+        if site_id in self._revealed:
+            raise DuplicateSubmissionError(f"site {site_id} already revealed its shares")
         self._expect(site_id, SecAggPhase.UNMASKING, now)
         if site_id not in self._submitted:
             raise StaleRoundError(f"site {site_id} did not submit a vector, so cannot unmask")
-        if site_id in self._revealed:
-            raise DuplicateSubmissionError(f"site {site_id} already revealed its shares")
         alive = set(self._submitted)
         closed = self.params.closed(site_id)
         owners = [item.owner for item in revealed]
@@ -283,7 +285,7 @@ class ServerSession:
         self._require(site_id, now)
         if self._phase.finished:
             raise StaleRoundError(f"round {self.params.round_id} is {self._phase.value}")
-        self._withdrawn.add(site_id)
+        self._withdrawn[site_id] = reason
         self._maybe_close(now)
 
     def abort(self, reason: str) -> None:
@@ -323,7 +325,7 @@ class ServerSession:
             eligible, answered = set(self._shares), self._submitted
         else:
             eligible, answered = set(self._submitted), self._revealed
-        return eligible - set(answered) - self._withdrawn
+        return eligible - set(answered) - set(self._withdrawn)
 
     def _maybe_close(self, now: float) -> None:
         if not self._phase.finished and not self._waiting_for():
@@ -342,14 +344,18 @@ class ServerSession:
             self._sum = np.zeros(0, dtype=np.uint64)
             return
         answered = {
-            SecAggPhase.ADVERTISING: len(set(self._keys) - self._withdrawn),
-            SecAggPhase.SHARING: len(set(self._shares) - self._withdrawn),
+            SecAggPhase.ADVERTISING: len(set(self._keys) - set(self._withdrawn)),
+            SecAggPhase.SHARING: len(set(self._shares) - set(self._withdrawn)),
             SecAggPhase.COLLECTING: len(set(self._submitted)),
         }[self._phase]
         if answered < self.params.threshold:
+            declined = "".join(
+                f"; site {site} declined: {why}" for site, why in sorted(self._withdrawn.items())
+            )
             self.abort(
                 f"only {answered} sites answered the {self._phase.value} phase, fewer than "
-                f"the threshold {self.params.threshold}; missing: {', '.join(missing)}"
+                f"the threshold {self.params.threshold}; missing: {', '.join(missing) or '-'}"
+                f"{declined}"
             )
             return
         order = list(SecAggPhase)

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from client.training import evaluate
-from explain import GLOBAL_ATTRIBUTION, get_kind
+from explain import GLOBAL_ATTRIBUTION, get_kind, l2_sensitivity
 from explain.global_attribution import attribution_params
 from fedlens import wire
 from fedlens.datasets import Preprocessor, load_dataset
@@ -34,7 +34,13 @@ from fedlens.runconfig import RunConfig
 from fedlens.status_codes import error_from_rpc
 from fedlens.types import RoundPhase, RoundSpec, RoundStatus, SiteLedger
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
-from privacy import FixedPointCodec
+from privacy import (
+    FixedPointCodec,
+    calibrate_shares,
+    discrete_gaussian_noise_multiplier,
+    encoded_sensitivity,
+    wraparound_bits,
+)
 from server.polling_grid import PollingGrid
 
 __all__ = ["app", "explanation_round_spec", "run_explanation_round"]
@@ -116,6 +122,31 @@ def _await_round(
         time.sleep(0.2)
 
 
+def distributed_bits(run: RunConfig, codec: FixedPointCodec, num_sites: int, length: int) -> int:
+    """Modulus exponent for distributed noise: the values' headroom and the noise shares'.
+
+    Each site's encoded sum is at most ``MAX_RECORDS_PER_SITE * clip * scale + 1`` per
+    coordinate and carries a discrete Gaussian share; :func:`wraparound_bits` bounds the
+    chance that any coordinate of the sum wraps around by ``2**-40``.
+    """
+    n = num_sites
+    threshold = run.secagg_threshold or min(n, (2 * n) // 3 + 1)
+    calibration = calibrate_shares(
+        noise_multiplier=discrete_gaussian_noise_multiplier(run.explain_epsilon, run.explain_delta),
+        sensitivity=encoded_sensitivity(l2_sensitivity(run.attribution_clip), codec.scale, length),
+        dimension=length,
+        threshold=threshold,
+        colluding=run.secagg_colluding,
+    )
+    bits, _ = wraparound_bits(
+        num_sites=n,
+        max_abs_encoded=MAX_RECORDS_PER_SITE * run.attribution_clip * codec.scale + 1,
+        share_sigma=calibration.share_sigma,
+        dimension=length,
+    )
+    return max(codec.bits, bits)
+
+
 def explanation_round_spec(
     run: RunConfig, pre: Preprocessor, site_ids: Sequence[str], *, round_id: str
 ) -> RoundSpec:
@@ -144,7 +175,7 @@ def explanation_round_spec(
         "n_steps": str(run.ig_steps),
         "dataset": run.dataset,
         "model": run.model,
-        "noise": "local",
+        "noise": run.secagg_noise,
         "training_rounds": str(run.rounds),
         # The coordinator checks every site's mirrored ledger against this release.
         "epsilon": repr(run.explain_epsilon),
@@ -177,12 +208,15 @@ def explanation_round_spec(
             if k not in params
         }
     labels = get_kind(run.explain_kind).coordinate_labels(pre.encoded_names, pre.groups, params)
+    bits = codec.bits
+    if run.secagg_noise == "distributed":
+        bits = distributed_bits(run, codec, len(site_ids), len(labels) + 1)
     return RoundSpec(
         round_id=round_id,
         kind=run.explain_kind,
         site_ids=tuple(site_ids),
         length=len(labels) + 1,
-        bits=codec.bits,
+        bits=bits,
         scale=codec.scale,
         clip_bound=run.attribution_clip,
         labels=labels,
@@ -190,6 +224,8 @@ def explanation_round_spec(
         params=params,
         threshold=run.secagg_threshold,
         degree=run.secagg_degree,
+        noise=run.secagg_noise,
+        colluding=run.secagg_colluding,
     )
 
 
@@ -246,6 +282,8 @@ def run_explanation_round(
                 "params": json.dumps(params),
                 "threshold": spec.threshold,
                 "degree": spec.degree,
+                "noise": spec.noise,
+                "colluding": spec.colluding,
             }
         )
         messages = [

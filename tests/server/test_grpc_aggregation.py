@@ -93,7 +93,7 @@ def run_sites(
     codec = FixedPointCodec(bits=s.bits, scale=s.scale)
     results: dict[str, object] = {}
 
-    class Vanished(Exception):
+    class VanishedError(Exception):
         pass
 
     def one(site: str) -> None:
@@ -102,7 +102,7 @@ def run_sites(
 
         def make_input() -> SiteInput:
             if site in vanish_before_submit:
-                raise Vanished(site)
+                raise VanishedError(site)
             encoded = codec.encode(vectors[site], SeededRandom(1))
             return SiteInput(encoded, cost(site), 0.1)
 

@@ -58,6 +58,7 @@ def _configure_logging(verbose: bool) -> None:
 def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     from server.aggregation import Aggregator, QueryHandler
     from server.grpc_server import serve
+    from server.identities import IdentityRegistry
     from server.storage import Store
 
     tls_cert = args.tls_cert or settings.tls_cert
@@ -65,8 +66,10 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     if (tls_cert is None) != (tls_key is None):
         raise ConfigurationError("--tls-cert and --tls-key go together")
     store = Store(args.database_url or settings.database_url)
+    enrolment = args.enrolment or settings.enrolment
+    aggregator = Aggregator(store, identities=IdentityRegistry(store), enrolment=enrolment)
     running = serve(
-        Aggregator(store),
+        aggregator,
         QueryHandler(store),
         address=args.address,
         tls_cert=tls_cert,
@@ -74,7 +77,7 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     )
     console.print(
         f"fedlens server on port {running.port} ({'TLS' if running.tls else 'plaintext'}), "
-        f"store {store.url} (Ctrl-C stops)"
+        f"store {store.url}, {enrolment} enrolment (Ctrl-C stops)"
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -268,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--tls-key", type=Path, help="PEM private key of --tls-cert (default: FEDLENS_TLS_KEY)"
+    )
+    server.add_argument(
+        "--enrolment",
+        choices=("first-use", "strict"),
+        default="",
+        help="admit site identities on first use, or only enrolled ones "
+        "(default: FEDLENS_ENROLMENT, else first-use)",
     )
     server.set_defaults(func=_cmd_server)
 

@@ -8,6 +8,7 @@ where a coordinator keeps its store, where clients find it, and the TLS files of
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,9 +19,10 @@ __all__ = ["Settings"]
 class Settings(BaseSettings):
     """``FEDLENS_DATABASE_URL``, ``FEDLENS_AGGREGATOR_ADDRESS`` and the TLS files.
 
-    ``FEDLENS_TLS_CERT`` and ``FEDLENS_TLS_KEY`` are the coordinator's certificate chain
-    and private key (PEM); ``FEDLENS_TLS_CA`` is the CA certificate clients trust. Unset,
-    the gRPC channel is plaintext.
+    ``FEDLENS_ENROLMENT`` (``first-use`` or ``strict``) says how the coordinator admits
+    site identity keys. ``FEDLENS_TLS_CERT`` and ``FEDLENS_TLS_KEY`` are the
+    coordinator's certificate chain and private key (PEM); ``FEDLENS_TLS_CA`` is the CA
+    certificate clients trust. Unset, the gRPC channel is plaintext.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDLENS_")
@@ -30,6 +32,9 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # "first-use": a site's first signed key advertisement enrols its identity key;
+    # "strict": only sites an admin enrolled (`fedlens keys enroll`) may take part.
+    enrolment: Literal["first-use", "strict"] = "first-use"
 
     @field_validator("tls_cert", "tls_key", "tls_ca", mode="before")
     @classmethod

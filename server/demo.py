@@ -27,6 +27,7 @@ from privacy.planning import PlanRequest, plan_budget
 from server.aggregation import Aggregator, QueryHandler
 from server.deployment import LocalFederation, SiteSpec
 from server.grpc_server import serve
+from server.identities import IdentityRegistry
 from server.storage import Store
 
 __all__ = ["DemoOptions", "DemoReport", "run_demo"]
@@ -123,7 +124,9 @@ def run_demo(options: DemoOptions, *, console: Console | None = None) -> DemoRep
     run_dir.mkdir(parents=True, exist_ok=True)
     database_url = f"sqlite:///{workdir / 'fedlens.db'}"
     store = Store(database_url)
-    server = serve(Aggregator(store), QueryHandler(store))
+    # Each site's identity key is enrolled at its first round (first-use enrolment).
+    aggregator = Aggregator(store, identities=IdentityRegistry(store), enrolment="first-use")
+    server = serve(aggregator, QueryHandler(store))
     train_epsilon, explain_epsilon = split_budget(options)
     sites = [
         SiteSpec(

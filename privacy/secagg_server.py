@@ -21,14 +21,15 @@ nothing: the running sum is never decoded or returned.
 
 Guarantees and assumptions: the aggregator is honest-but-curious; every message is fully
 validated before any state changes, so a rejected message (wrong phase, duplicate, wrong
-length, out of field, bad signature) leaves the round as it was. A message repeating one
-already accepted is refused as a duplicate even after the phase it closed, so a site that
-retries a call whose reply it lost can tell that the call counted. Masked vectors are
-added as they arrive and not kept, so memory is O(length) for the sum plus O(n · degree)
-for keys and sealed shares. Time is passed in as ``now`` (wall-clock seconds); a phase that
-ends at its deadline starts the next one at that deadline, not at the moment someone
-noticed, so replaying the same calls with the same ``now`` values rebuilds the same state
-(the coordinator relies on this to resume a round after a restart).
+length, out of field, bad signature) leaves the round as it was. A second masked vector
+from a site is refused as a duplicate even after the collecting phase closed, so a site
+that retries a submission whose reply it lost can tell that it counted. Masked vectors
+are added as they arrive and not kept, so memory is O(length) for the sum plus
+O(n · degree) for keys and sealed shares. Time is passed in as ``now`` (wall-clock
+seconds); a phase that ends at its deadline starts the next one at that deadline, not at
+the moment someone noticed, so replaying the same calls with the same ``now`` values
+rebuilds the same state (the coordinator relies on this to resume a round after a
+restart).
 """
 
 from __future__ import annotations
@@ -168,9 +169,9 @@ class ServerSession:
     def advertise(self, keys: SignedKeys, identity_public: bytes, *, now: float) -> None:
         """Accept a site's signed keys, checked against its enrolled identity key."""
         site = keys.site_id
+        self._expect(site, SecAggPhase.ADVERTISING, now, keys.round_id)
         if site in self._keys:
             raise DuplicateSubmissionError(f"site {site} already advertised keys")
-        self._expect(site, SecAggPhase.ADVERTISING, now, keys.round_id)
         crypto.verify_advertisement(
             identity_public,
             keys.signature,
@@ -190,11 +191,11 @@ class ServerSession:
 
     def share(self, site_id: str, shares: Sequence[EncryptedShare], *, now: float) -> None:
         """Accept a site's sealed shares: exactly one per advertised neighbour."""
-        if site_id in self._shares:
-            raise DuplicateSubmissionError(f"site {site_id} already sent its shares")
         self._expect(site_id, SecAggPhase.SHARING, now)
         if site_id not in self._keys:
             raise StaleRoundError(f"site {site_id} did not advertise keys in time")
+        if site_id in self._shares:
+            raise DuplicateSubmissionError(f"site {site_id} already sent its shares")
         expected = (self.params.closed(site_id) & set(self._keys)) - {site_id}
         receivers = [item.receiver for item in shares]
         if len(set(receivers)) != len(receivers) or set(receivers) != expected:
@@ -219,6 +220,7 @@ class ServerSession:
         ``values=None`` records the submission without adding anything; only a restore
         whose running sum already holds the vector may use it.
         """
+        # Before the phase check: a retry whose first attempt closed the phase is a duplicate.
         if site_id in self._submitted:
             raise DuplicateSubmissionError(f"site {site_id} already submitted its vector")
         self._expect(site_id, SecAggPhase.COLLECTING, now)
@@ -251,11 +253,11 @@ class ServerSession:
 
     def unmask(self, site_id: str, revealed: Sequence[RevealedShare], *, now: float) -> None:
         """Accept a surviving site's revealed shares, checking each one's owner and kind."""
-        if site_id in self._revealed:
-            raise DuplicateSubmissionError(f"site {site_id} already revealed its shares")
         self._expect(site_id, SecAggPhase.UNMASKING, now)
         if site_id not in self._submitted:
             raise StaleRoundError(f"site {site_id} did not submit a vector, so cannot unmask")
+        if site_id in self._revealed:
+            raise DuplicateSubmissionError(f"site {site_id} already revealed its shares")
         alive = set(self._submitted)
         closed = self.params.closed(site_id)
         owners = [item.owner for item in revealed]

@@ -261,3 +261,34 @@ def test_withdrawn_site_counts_as_dropped() -> None:
     assert server.phase is SecAggPhase.SHARING
     with pytest.raises(StaleRoundError, match="withdrew"):
         server.advertise(SiteSession(params, "d", ids["d"]).advertise(), public["d"], now=0.5)
+
+
+def test_a_resubmitted_vector_is_a_duplicate_even_after_collecting_closed() -> None:
+    # A site retrying a submission whose reply it lost learns that the first one counted.
+    params = SecAggParams("r11", ("a", "b", "c"), 2, 4, BITS)
+    ids = identities(params.site_ids)
+    public = {s: raw_public(k) for s, k in ids.items()}
+    inputs = _inputs(params, 11)
+    server = ServerSession(params, now=0.0, phase_timeout_s=10.0)
+    sites = {s: SiteSession(params, s, ids[s]) for s in params.site_ids}
+    for s in params.site_ids:
+        server.advertise(sites[s].advertise(), public[s], now=0.0)
+    for s in params.site_ids:
+        keys = server.keys_for(s, now=0.0)
+        assert keys is not None
+        server.share(s, sites[s].share_keys(keys, public), now=0.0)
+    masked = {}
+    for s in params.site_ids:
+        received = server.shares_for(s, now=0.0)
+        assert received is not None
+        masked[s] = sites[s].masked_input(inputs[s], received)
+        server.submit(s, masked[s], now=0.0)
+    assert server.phase is SecAggPhase.UNMASKING  # the last submission closed the phase
+    with pytest.raises(DuplicateSubmissionError):
+        server.submit("c", masked["c"], now=0.0)
+    for s in params.site_ids:
+        request = server.unmask_request(s, now=0.0)
+        assert request is not None
+        server.unmask(s, sites[s].unmask(request.survivors, request.dropped), now=0.0)
+    assert server.phase is SecAggPhase.COMPLETE
+    np.testing.assert_array_equal(server.result(), _plain_sum(params, inputs, params.site_ids))

@@ -411,6 +411,11 @@ class Aggregator:
         return self._apply(round_id, site_id, "decline_round", step)
 
     def status(self, round_id: str) -> RoundStatus:
+        """The round's status; a phase whose deadline has passed is closed first.
+
+        So a round every site has left (or whose deadline passed while the aggregator
+        was down) still ends, continuing or aborting, when the coordinator polls it.
+        """
         entry = self._rounds.get(round_id)
         if entry is None:
             if self._store.round_exists(round_id):
@@ -419,7 +424,11 @@ class Aggregator:
                     round_id, RoundPhase(phase), release_id=release_id, reason=reason
                 )
             raise UnknownRoundError(f"no round {round_id!r}")
-        return self._apply(round_id, "", "round_status", lambda live, now: None, audit_ok=False)
+
+        def tick(live: _LiveRound, now: float) -> None:
+            live.session.tick(now)
+
+        return self._apply(round_id, "", "round_status", tick, audit_ok=False)
 
     @contextmanager
     def audited(self, action: str, round_id: str, actor: str) -> Iterator[None]:

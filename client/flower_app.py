@@ -56,6 +56,11 @@ def _arrays(msg: Message) -> ArrayRecord:
     return record
 
 
+def _optional(record: ConfigRecord, key: str, kind: type[T], default: T) -> T:
+    """``record[key]`` as ``kind`` if present (a ConfigurationError names it if mistyped)."""
+    return _field(record, key, kind) if key in record else default
+
+
 def explain_request_from_config(cfg: ConfigRecord) -> ExplainRequest:
     """The coordinator's ``query.explain`` configuration, validated."""
     try:
@@ -75,10 +80,10 @@ def explain_request_from_config(cfg: ConfigRecord) -> ExplainRequest:
         scale=_field(cfg, "scale", float),
         timeout_s=_field(cfg, "timeout", float),
         params={str(k): str(v) for k, v in params.items()},
-        threshold=_field(cfg, "threshold", int),
-        degree=_field(cfg, "degree", int),
-        noise=_field(cfg, "noise", str),
-        colluding=_field(cfg, "colluding", int),
+        threshold=_optional(cfg, "threshold", int, 0),
+        degree=_optional(cfg, "degree", int, 0),
+        noise=_optional(cfg, "noise", str, "local"),
+        colluding=_optional(cfg, "colluding", int, 0),
     )
 
 

@@ -106,8 +106,11 @@ class AggregationClient:
     def call(self, method: Callable[..., _Reply], request: Any) -> _Reply | None:
         """One call, retried while the aggregator is unavailable.
 
-        Returns ``None`` when a retry of a state-changing call finds the first attempt
-        already accepted (the aggregator answers ALREADY_EXISTS).
+        Returns ``None`` when a retry of a state-changing call finds that the first attempt
+        may have been accepted before its reply was lost: the aggregator answers
+        ALREADY_EXISTS, or FAILED_PRECONDITION because that attempt closed the phase. The
+        polls that follow tell which: a message that was not accepted leaves this site
+        out of the next phase, and the site's own checks then refuse to go on.
         """
         give_up = self.clock() + self._retry_s
         attempt = 0
@@ -116,7 +119,7 @@ class AggregationClient:
                 return method(request, timeout=self._timeout)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc, self._address)
-                if attempt and isinstance(error, DuplicateSubmissionError):
+                if attempt and isinstance(error, DuplicateSubmissionError | StaleRoundError):
                     return None
                 if exc.code() not in _RETRYABLE or self.clock() > give_up:
                     raise error from None

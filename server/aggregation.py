@@ -29,6 +29,7 @@ from fedlens.errors import (
     FedlensError,
     IntegrityError,
     NotFoundError,
+    StaleRoundError,
     StorageError,
     UnknownRoundError,
 )
@@ -489,7 +490,13 @@ class Aggregator:
     ) -> RoundStatus:
         entry = self._rounds.get(round_id)
         if entry is None:
-            self._audit(actor, action, round_id, "refused", "unknown or finished round")
+            if self._store.round_exists(round_id):
+                phase, reason, _ = self._store.round_phase(round_id)
+                self._audit(actor, action, round_id, "refused", f"round is {phase}")
+                raise StaleRoundError(
+                    f"round {round_id} is {phase}{': ' + reason if reason else ''}"
+                )
+            self._audit(actor, action, round_id, "refused", "unknown round")
             raise UnknownRoundError(f"no open round {round_id!r}")
         live, lock = entry
         with lock:

@@ -181,7 +181,8 @@ def masked_submission_from_proto(msg: aggregation_pb2.SubmitMaskedRequest) -> Ma
     return MaskedSubmission(
         round_id=msg.round_id,
         site_id=msg.site_id,
-        values=np.frombuffer(msg.values, dtype="<u8").astype(np.uint64),
+        # A read-only view of the message's bytes, not a copy.
+        values=np.frombuffer(msg.values, dtype="<u8").view(np.uint64),
         cost=privacy_cost_from_proto(msg.cost),
         noise_std=msg.noise_std,
     )

@@ -68,6 +68,8 @@ LABEL_SELF_MASK = b"fedlens/v2 self-mask"
 _ADVERTISEMENT_DOMAIN = b"fedlens/v2 key-advertisement"
 _NONCE_BYTES = 12
 _MAX_BITS = 62
+_CHUNK_BYTES = 1 << 20
+_ZEROS = memoryview(bytes(_CHUNK_BYTES))
 
 
 def raw_public(private_key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
@@ -130,16 +132,23 @@ def agree(
 
 
 def expand_mask(key: bytes, length: int, bits: int) -> np.ndarray:
-    """``(length,)`` uint64 mask in ``[0, 2**bits)``: the ChaCha20 keystream of ``key``."""
+    """``(length,)`` uint64 mask in ``[0, 2**bits)``: the ChaCha20 keystream of ``key``.
+
+    The keystream is written straight into the result, a chunk at a time, so expanding
+    a mask allocates nothing but the result itself.
+    """
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ConfigurationError(f"length must be an integer >= 0, got {length!r}")
     if not 1 < bits <= _MAX_BITS:
         raise ConfigurationError(f"bits must be in [2, {_MAX_BITS}], got {bits}")
     encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    stream = encryptor.update(bytes(8 * length))
-    words = np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+    words = np.empty(length, dtype="<u8")
+    out = words.data.cast("B")
+    for start in range(0, len(out), _CHUNK_BYTES):
+        stop = min(len(out), start + _CHUNK_BYTES)
+        encryptor.update_into(_ZEROS[: stop - start], out[start:stop])
     words &= np.uint64((1 << bits) - 1)
-    return words
+    return words.view(np.uint64)
 
 
 def self_mask(seed: bytes, *, round_id: str, length: int, bits: int) -> np.ndarray:

@@ -88,6 +88,7 @@ class ServerSession:
         self._withdrawn: dict[str, str] = {}
         self._keys: dict[str, SignedKeys] = {}
         self._shares: dict[str, tuple[EncryptedShare, ...]] = {}
+        self._inbox: dict[str, list[EncryptedShare]] = {}
         self._submitted: list[str] = []
         self._revealed: dict[str, tuple[RevealedShare, ...]] = {}
         self._sum = np.zeros(params.length, dtype=np.uint64)
@@ -151,9 +152,7 @@ class ServerSession:
         self._require(site_id, now)
         if self._phase in (SecAggPhase.ADVERTISING, SecAggPhase.SHARING):
             return None
-        return tuple(
-            item for sent in self._shares.values() for item in sent if item.receiver == site_id
-        )
+        return tuple(self._inbox.get(site_id, ()))
 
     def unmask_request(self, site_id: str, *, now: float) -> UnmaskRequest | None:
         """Survivors and dropped sites, once the collecting phase has closed."""
@@ -212,6 +211,8 @@ class ServerSession:
                     f"{len(item.ciphertext)} bytes, expected {SEALED_SHARE_BYTES}"
                 )
         self._shares[site_id] = tuple(shares)
+        for item in shares:
+            self._inbox.setdefault(item.receiver, []).append(item)
         self._maybe_close(now)
 
     def submit(self, site_id: str, values: np.ndarray | None, *, now: float) -> None:
@@ -374,7 +375,7 @@ class ServerSession:
                 gathered.setdefault((item.owner, item.kind), []).append(
                     Share.from_bytes(item.share)
                 )
-        total = self._sum.copy()
+        total = self._sum  # no longer needed as such: unmasked in place
         for owner in sorted(alive):
             seed = self._rebuild(owner, ShareKind.SELF_MASK, gathered)
             total -= crypto.self_mask(
@@ -415,4 +416,7 @@ class ServerSession:
                 f"only {len(shares)} shares of the {kind.value} secret of {owner} were "
                 f"revealed, {needed} are needed"
             )
-        return combine_shares(shares, needed, crypto.KEY_BYTES)
+        # One share beyond the threshold is checked against the polynomial of the others,
+        # which catches a corrupted share among them; checking every extra share would
+        # cost O(n) per extra share for no further guarantee against a single liar.
+        return combine_shares(shares[: needed + 1], needed, crypto.KEY_BYTES)

@@ -322,7 +322,7 @@ class Aggregator:
             live.session.advertise(keys, identity_public, now=now)
             self._journal(live, now, keys.site_id, "advertise", keys_payload(keys, identity_public))
 
-        return self._apply(keys.round_id, keys.site_id, "advertise_keys", step)
+        return self._apply(keys.round_id, keys.site_id, "advertise_keys", step, audit_ok=False)
 
     def peer_keys(
         self, round_id: str, site_id: str
@@ -343,7 +343,7 @@ class Aggregator:
             live.session.share(site_id, shares, now=now)
             self._journal(live, now, site_id, "share", shares_payload(shares))
 
-        return self._apply(round_id, site_id, "share_keys", step)
+        return self._apply(round_id, site_id, "share_keys", step, audit_ok=False)
 
     def shares_for(
         self, round_id: str, site_id: str
@@ -384,7 +384,7 @@ class Aggregator:
                 live, now, sub.site_id, "submit", payload, running_sum=live.session.running_sum
             )
 
-        return self._apply(sub.round_id, sub.site_id, "submit_masked", step)
+        return self._apply(sub.round_id, sub.site_id, "submit_masked", step, audit_ok=False)
 
     def unmask_request(
         self, round_id: str, site_id: str
@@ -402,14 +402,14 @@ class Aggregator:
             live.session.unmask(site_id, shares, now=now)
             self._journal(live, now, site_id, "unmask", revealed_payload(shares))
 
-        return self._apply(round_id, site_id, "unmask", step)
+        return self._apply(round_id, site_id, "unmask", step, audit_ok=False)
 
     def decline(self, round_id: str, site_id: str, reason: str) -> RoundStatus:
         def step(live: _LiveRound, now: float) -> None:
             live.session.withdraw(site_id, reason, now=now)
             self._journal(live, now, site_id, "withdraw", {"reason": reason})
 
-        return self._apply(round_id, site_id, "decline_round", step)
+        return self._apply(round_id, site_id, "decline_round", step, audit_ok=False)
 
     def status(self, round_id: str) -> RoundStatus:
         """The round's status; a phase whose deadline has passed is closed first.
@@ -473,10 +473,19 @@ class Aggregator:
         if action == "advertise":
             live.identities[site_id] = bytes.fromhex(payload["identity_public"])
         if not live.replaying:
+            # The accepted message's audit row goes into the journal's commit.
+            audit = {
+                "now": self._wall(),
+                "actor": site_id or "-",
+                "action": _AUDIT_ACTIONS[action],
+                "round_id": live.spec.round_id,
+                "outcome": "ok",
+            }
             self._journal_store.append(
                 live.spec.round_id,
                 JournalEntry(now, site_id, action, payload),
                 running_sum=running_sum,
+                audit=audit,
             )
 
     def _apply(
@@ -646,6 +655,15 @@ def _check_postprocessor(spec: RoundSpec) -> None:
             f"round {spec.round_id}: parameters rejected by {spec.kind}: {exc}"
         ) from None
 
+
+# Audit log action of each journaled message.
+_AUDIT_ACTIONS = {
+    "advertise": "advertise_keys",
+    "share": "share_keys",
+    "submit": "submit_masked",
+    "unmask": "unmask",
+    "withdraw": "decline_round",
+}
 
 # Spec parameters worth keeping with a release (the rest are encodings for the post-processor).
 _PUBLIC_PARAMS = frozenset(

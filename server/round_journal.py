@@ -15,7 +15,7 @@ unmasking shares, and it is deleted when the round completes or aborts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +66,7 @@ class RoundJournal:
     """The journal and running sums of open rounds, in the coordinator's database."""
 
     def __init__(self, store: Store) -> None:
+        self._store = store
         self._engine = store.engine
         try:
             _Base.metadata.create_all(self._engine)
@@ -86,9 +87,13 @@ class RoundJournal:
         entry: JournalEntry,
         *,
         running_sum: np.ndarray | None = None,
+        audit: Mapping[str, Any] | None = None,
     ) -> None:
-        """Append an entry; with ``running_sum``, replace the stored sum in the same commit."""
-        with self._session() as s:
+        """Append an entry in one commit with, optionally, the new running sum and an
+        audit row (keyword arguments of :meth:`server.storage.Store.add_audit`)."""
+        with self._store.transaction() as s:
+            if audit is not None:
+                Store.add_audit(s, **audit)
             s.add(
                 _JournalRow(
                     round_id=round_id,

@@ -470,6 +470,35 @@ class Store:
 
     # -- audit ---------------------------------------------------------------------
 
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One transaction on the store, for modules that keep their own tables in it."""
+        with self._session() as s:
+            yield s
+
+    @staticmethod
+    def add_audit(
+        session: Session,
+        *,
+        now: datetime,
+        actor: str,
+        action: str,
+        outcome: str,
+        round_id: str = "",
+        detail: str = "",
+    ) -> None:
+        """Add an audit row inside ``session``'s transaction (see :meth:`transaction`)."""
+        session.add(
+            _AuditRow(
+                at=now,
+                actor=actor,
+                action=action,
+                round_id=round_id,
+                outcome=outcome,
+                detail=detail[:2000],
+            )
+        )
+
     def audit(
         self,
         *,
@@ -599,4 +628,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode, NORMAL makes every commit durable against the process being killed
+    # (what a restart recovers from); only a power loss may undo the last commits.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()

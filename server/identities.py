@@ -13,6 +13,7 @@ site's identity.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedlens.errors import ConfigurationError, NotFoundError, StorageError
+from fedlens.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    NotFoundError,
+    StorageError,
+)
 from fedlens.identity import check_public_key, check_site_id, fingerprint
 from server.storage import Store
 
@@ -154,6 +160,36 @@ class IdentityRegistry:
     ) -> None:
         """Audit an enrolment refused before it reached :meth:`enroll` (an unreadable key)."""
         self._audit(now, actor, site_id, "refused", reason)
+
+    def admit(self, site_id: str, presented: bytes, *, strict: bool, now: datetime) -> None:
+        """Check the identity key a site presents against its enrolment.
+
+        Without an enrolment, a strict registry refuses the site; otherwise the key is
+        enrolled now (first-use enrolment, audited like any enrolment) and every later
+        presentation must match it.
+
+        Raises
+        ------
+        AuthenticationError
+            The site is not enrolled and ``strict``, or presents another key; or the
+            presented key is not a valid identity key.
+        """
+        try:
+            enrolled = self.public_key(site_id)
+        except NotFoundError:
+            if strict:
+                raise AuthenticationError(
+                    f"site {site_id} is not enrolled; an admin enrols it with `fedlens keys enroll`"
+                ) from None
+            try:
+                self.enroll(site_id, presented, now=now, actor=f"{site_id} (first use)")
+            except ConfigurationError as exc:
+                raise AuthenticationError(str(exc)) from None
+            return
+        if not hmac.compare_digest(enrolled, bytes(presented)):
+            raise AuthenticationError(
+                f"site {site_id} presented an identity key that differs from its enrolment"
+            )
 
     def public_key(self, site_id: str) -> bytes:
         """The enrolled raw public key of ``site_id``; :class:`NotFoundError` if none."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,11 +25,14 @@ from sqlalchemy import JSON, Float, Integer, LargeBinary, String, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedlens.errors import StorageError
+from fedlens.errors import IntegrityError, StorageError
 from fedlens.secagg_types import EncryptedShare, RevealedShare, ShareKind, SignedKeys
+from fedlens.types import PrivacyCost
+from privacy.secagg_params import SecAggParams
+from privacy.secagg_server import ServerSession
 from server.storage import Store
 
-__all__ = ["JournalEntry", "RoundJournal"]
+__all__ = ["JournalEntry", "Replayed", "RoundJournal", "replay"]
 
 
 class _Base(DeclarativeBase):
@@ -179,3 +182,59 @@ def revealed_from_payload(
         RevealedShare(round_id, site_id, owner, ShareKind(kind), bytes.fromhex(blob))
         for owner, kind, blob in p["shares"]
     )
+
+
+@dataclass
+class Replayed:
+    """A round rebuilt from its journal: the state machine, identities and declared costs."""
+
+    session: ServerSession
+    identities: dict[str, bytes] = field(default_factory=dict)
+    costs: dict[str, tuple[PrivacyCost, float]] = field(default_factory=dict)
+
+
+def replay(
+    params: SecAggParams,
+    phase_timeout_s: float,
+    entries: Sequence[JournalEntry],
+    running_sum: np.ndarray | None,
+) -> Replayed:
+    """Feed a round's journal, with its original times, through a fresh state machine.
+
+    Raises
+    ------
+    IntegrityError
+        The journal does not start with the opening, holds an unknown action, ends with
+        the round finished, or lacks the running sum of its submissions; or a replayed
+        message is refused (the journal does not match the round).
+    """
+    if not entries or entries[0].action != "open":
+        raise IntegrityError("its journal does not start with the opening")
+    session = ServerSession(params, now=entries[0].at, phase_timeout_s=phase_timeout_s)
+    out = Replayed(session)
+    rid = params.round_id
+    for entry in entries[1:]:
+        site, p, at = entry.site_id, entry.payload, entry.at
+        if entry.action == "advertise":
+            keys, identity = keys_from_payload(rid, site, p)
+            session.advertise(keys, identity, now=at)
+            out.identities[site] = identity
+        elif entry.action == "share":
+            session.share(site, shares_from_payload(rid, site, p), now=at)
+        elif entry.action == "submit":
+            session.submit(site, None, now=at)
+            cost = PrivacyCost(site, p["epsilon"], p["delta"], p["epsilon_total"])
+            out.costs[site] = (cost, float(p["noise_std"]))
+        elif entry.action == "unmask":
+            session.unmask(site, revealed_from_payload(rid, site, p), now=at)
+        elif entry.action == "withdraw":
+            session.withdraw(site, str(p.get("reason", "")), now=at)
+        else:
+            raise IntegrityError(f"its journal holds an unknown action {entry.action!r}")
+    if session.phase.finished:
+        raise IntegrityError(f"its journal ends with the round {session.phase.value}")
+    if session.submitted:
+        if running_sum is None:
+            raise IntegrityError("submissions are journaled but no running sum is stored")
+        session.restore_sum(running_sum)
+    return out

@@ -1,0 +1,1 @@
+"""ServerApp and ClientApp of the Flower SecAgg+ benchmark (see ``server_app``)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import JSON, Float, Integer, LargeBinary, String, delete, select
+from sqlalchemy import JSON, Float, Integer, LargeBinary, String, delete, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -94,25 +94,26 @@ class RoundJournal:
     ) -> None:
         """Append an entry in one commit with, optionally, the new running sum and an
         audit row (keyword arguments of :meth:`server.storage.Store.add_audit`)."""
-        with self._store.transaction() as s:
+        with self._store.transaction() as connection:
             if audit is not None:
-                Store.add_audit(s, **audit)
-            s.add(
-                _JournalRow(
-                    round_id=round_id,
-                    at=entry.at,
-                    site_id=entry.site_id,
-                    action=entry.action,
-                    payload=entry.payload,
-                )
+                Store.add_audit(connection, **audit)
+            connection.execute(
+                insert(_JournalRow),
+                {
+                    "round_id": round_id,
+                    "at": entry.at,
+                    "site_id": entry.site_id,
+                    "action": entry.action,
+                    "payload": entry.payload,
+                },
             )
             if running_sum is not None:
                 blob = np.ascontiguousarray(running_sum, dtype="<u8").tobytes()
-                row = s.get(_SumRow, round_id)
-                if row is None:
-                    s.add(_SumRow(round_id=round_id, running_sum=blob))
-                else:
-                    row.running_sum = blob
+                updated = connection.execute(
+                    update(_SumRow).where(_SumRow.round_id == round_id).values(running_sum=blob)
+                )
+                if updated.rowcount == 0:
+                    connection.execute(insert(_SumRow), {"round_id": round_id, "running_sum": blob})
 
     def entries(self, round_id: str) -> list[JournalEntry]:
         with self._session() as s:

@@ -28,9 +28,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    insert,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -471,14 +472,18 @@ class Store:
     # -- audit ---------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """One transaction on the store, for modules that keep their own tables in it."""
-        with self._session() as s:
-            yield s
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction on the store's engine, for modules that keep their own tables
+        in it and write them with SQLAlchemy Core (cheaper than the ORM per commit)."""
+        try:
+            with self._engine.begin() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise StorageError(f"store operation failed: {exc}") from exc
 
     @staticmethod
     def add_audit(
-        session: Session,
+        connection: Connection,
         *,
         now: datetime,
         actor: str,
@@ -487,16 +492,17 @@ class Store:
         round_id: str = "",
         detail: str = "",
     ) -> None:
-        """Add an audit row inside ``session``'s transaction (see :meth:`transaction`)."""
-        session.add(
-            _AuditRow(
-                at=now,
-                actor=actor,
-                action=action,
-                round_id=round_id,
-                outcome=outcome,
-                detail=detail[:2000],
-            )
+        """Add an audit row inside ``connection``'s transaction (see :meth:`transaction`)."""
+        connection.execute(
+            insert(_AuditRow),
+            {
+                "at": now,
+                "actor": actor,
+                "action": action,
+                "round_id": round_id,
+                "outcome": outcome,
+                "detail": detail[:2000],
+            },
         )
 
     def audit(

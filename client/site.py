@@ -19,6 +19,7 @@ from torch import nn
 
 from client.explanation import ExplainOutcome, ExplainRequest, contribute_explanation
 from client.ledger_store import LedgerStore
+from client.secagg_client import AggregationClient
 from client.site_config import SiteConfig
 from client.training import planned_steps, train_dp
 from fedlens.datasets import SiteData, load_dataset
@@ -231,7 +232,12 @@ class Site:
             now=now,
             sensitive=data.sensitive,
             identity=self.identity(),
+            connect=self._connect,
         )
+
+    def _connect(self, address: str) -> AggregationClient:
+        """A connection to the aggregator, over TLS when the site was given its CA."""
+        return AggregationClient(address, tls_ca=self.config.aggregator_ca)
 
     def identity(self) -> Ed25519PrivateKey:
         """The site's Ed25519 identity key, created in its state directory on first use.

@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedlens.errors import ConfigurationError
 from fedlens.runconfig import validation_message
@@ -29,6 +36,16 @@ class SiteConfig(BaseModel):
     threads: int = Field(
         0, ge=0, le=256, description="torch threads for this site's work; 0 keeps torch's default"
     )
+    aggregator_ca: Path | None = Field(
+        None,
+        alias="aggregator-ca",
+        description="CA certificate (PEM) of the aggregator's TLS certificate; plaintext if unset",
+    )
+
+    @field_validator("aggregator_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _check(self) -> SiteConfig:

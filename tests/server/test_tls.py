@@ -156,3 +156,75 @@ def test_open_channel_refuses_a_ca_file_that_is_not_a_certificate(
     channel = open_channel("127.0.0.1:1", options=[("grpc.max_receive_message_length", 1024)])
     assert isinstance(channel, grpc.Channel)
     channel.close()
+
+
+def test_a_secure_aggregation_round_over_tls_from_site_configs(
+    tls_server: RunningServer, pki: TlsFiles, tmp_path: Path
+) -> None:
+    """Sites given the CA in their node config run the whole protocol over TLS."""
+    import json
+    import threading
+
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from client.secagg_client import SiteInput, run_secure_round
+    from client.site import Site
+    from client.site_config import SiteConfig
+    from fedlens.runconfig import RunConfig
+    from fedlens.types import PrivacyCost, RoundPhase, RoundSpec
+    from privacy import FixedPointCodec, SeededRandom
+    from privacy.secagg_params import SecAggParams
+    from privacy.secagg_site import SiteSession
+
+    sites = ("site-0", "site-1")
+    spec = RoundSpec(
+        round_id="tls-round",
+        kind="global_attribution",
+        site_ids=sites,
+        length=2,
+        bits=40,
+        scale=2.0**16,
+        clip_bound=0.5,
+        labels=("x",),
+        phase_timeout_s=20.0,
+        params={"groups": json.dumps({"x": [0]})},
+    )
+    from fedlens import wire
+    from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
+
+    with open_channel(f"localhost:{tls_server.port}", tls_ca=pki.ca_cert) as channel:
+        aggregation_pb2_grpc.AggregationStub(channel).OpenRound(
+            aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec))
+        )
+    codec = FixedPointCodec(bits=40, scale=2.0**16)
+    params = SecAggParams(spec.round_id, sites, 2, spec.length, spec.bits)
+    statuses: dict[str, object] = {}
+
+    def one(index: int) -> None:
+        config = SiteConfig.from_flower(
+            {
+                "partition-id": index,
+                "num-partitions": 2,
+                "state-dir": str(tmp_path / f"s{index}"),
+                "aggregator-ca": str(pki.ca_cert),
+            }
+        )
+        site = Site(RunConfig(), config)
+        session = SiteSession(params, site.name, Ed25519PrivateKey.generate())
+        vector = np.array([0.25 * (index + 1), 10 * 0.5])
+        cost = PrivacyCost(site.name, 0.1, 1e-6, 0.1)
+        with site._connect(f"localhost:{tls_server.port}") as client:
+            statuses[site.name] = run_secure_round(
+                client,
+                session,
+                lambda: SiteInput(codec.encode(vector, SeededRandom(index)), cost, 0.0),
+                timeout_s=20.0,
+            )
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert {getattr(s, "phase", None) for s in statuses.values()} == {RoundPhase.COMPLETE}

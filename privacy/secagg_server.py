@@ -91,6 +91,7 @@ class ServerSession:
         self._inbox: dict[str, list[EncryptedShare]] = {}
         self._submitted: list[str] = []
         self._revealed: dict[str, tuple[RevealedShare, ...]] = {}
+        self._gathered: dict[tuple[str, ShareKind], list[Share]] = {}
         self._sum = np.zeros(params.length, dtype=np.uint64)
         self._modulus = np.uint64((1 << params.bits) - 1)
         self._result: np.ndarray | None = None
@@ -265,6 +266,7 @@ class ServerSession:
         if len(set(owners)) != len(owners):
             raise IntegrityError(f"site {site_id} revealed two shares of one site")
         x = self.params.x_coordinate[site_id]
+        parsed = []
         for item in revealed:
             if item.sender != site_id or item.round_id != self.params.round_id:
                 raise IntegrityError(f"a revealed share from {site_id} names {item.sender!r}")
@@ -278,9 +280,13 @@ class ServerSession:
                     f"site {site_id} revealed a {item.kind.value} share of {item.owner}, "
                     f"expected {wanted.value}"
                 )
-            if Share.from_bytes(item.share).x != x:
+            share = Share.from_bytes(item.share)
+            if share.x != x:
                 raise IntegrityError(f"site {site_id} revealed a share with another x-coordinate")
+            parsed.append(((item.owner, item.kind), share))
         self._revealed[site_id] = tuple(revealed)
+        for key, share in parsed:
+            self._gathered.setdefault(key, []).append(share)
         self._maybe_close(now)
 
     def withdraw(self, site_id: str, reason: str, *, now: float) -> None:
@@ -369,12 +375,7 @@ class ServerSession:
         params = self.params
         alive = set(self._submitted)
         dropped = set(self._shares) - alive
-        gathered: dict[tuple[str, ShareKind], list[Share]] = {}
-        for revealed in self._revealed.values():
-            for item in revealed:
-                gathered.setdefault((item.owner, item.kind), []).append(
-                    Share.from_bytes(item.share)
-                )
+        gathered = self._gathered
         total = self._sum  # no longer needed as such: unmasked in place
         for owner in sorted(alive):
             seed = self._rebuild(owner, ShareKind.SELF_MASK, gathered)

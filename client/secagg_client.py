@@ -100,8 +100,11 @@ class AggregationClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def sleep(self) -> None:
-        self._sleep(self.poll_interval)
+    def sleep(self, polls: int = 0) -> None:
+        """Wait before the next poll: ``poll_interval``, growing by half with every poll
+        of the same wait up to 20 times that, so many waiting sites do not flood the
+        aggregator while a phase is long."""
+        self._sleep(self.poll_interval * min(20.0, 1.5**polls))
 
     def call(self, method: Callable[..., _Reply], request: Any) -> _Reply | None:
         """One call, retried while the aggregator is unavailable.
@@ -234,13 +237,15 @@ def run_secure_round(
         ),
     )
     deadline = client.clock() + timeout_s
+    polls = 0
     while True:
         status = client.status(round_id)
         if status.phase.finished:
             return status
         if client.clock() > deadline:
             raise DropoutError(f"round {round_id}: did not finish within {timeout_s:.0f}s")
-        client.sleep()
+        client.sleep(polls)
+        polls += 1
 
 
 def _wait(
@@ -252,6 +257,7 @@ def _wait(
     what: str,
 ) -> Any:
     deadline = client.clock() + timeout_s
+    polls = 0
     while True:
         reply = client.call(method, request)
         if reply is not None and ready(reply):
@@ -263,4 +269,5 @@ def _wait(
             raise DropoutError(
                 f"round {request.round_id}: timed out after {timeout_s:.0f}s waiting for {what}"
             )
-        client.sleep()
+        client.sleep(polls)
+        polls += 1

@@ -193,7 +193,7 @@ def serve(
     query: QueryHandler,
     *,
     address: str = "127.0.0.1:0",
-    max_workers: int = 16,
+    max_workers: int = 8,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
 ) -> RunningServer:
@@ -220,6 +220,10 @@ def serve(
         interceptors=[ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # Without BDP probing the HTTP/2 windows stay small, so requests waiting for
+            # a worker hold little memory: the aggregator's memory follows the number of
+            # workers and the vector length, not the number of sites sending at once.
+            ("grpc.http2.bdp_probe", 0),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )

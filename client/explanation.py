@@ -37,7 +37,7 @@ from privacy import (
     gaussian_noise_multiplier,
     sample_discrete_gaussian,
 )
-from privacy.secagg_params import SecAggParams
+from privacy.secagg_params import SecAggParams, default_threshold
 from privacy.secagg_site import SiteSession
 
 __all__ = ["ExplainOutcome", "ExplainRequest", "contribute_explanation", "per_site_limit"]
@@ -99,8 +99,7 @@ class ExplainRequest:
 
     @property
     def effective_threshold(self) -> int:
-        n = len(self.site_ids)
-        return self.threshold or min(n, (2 * n) // 3 + 1)
+        return self.threshold or default_threshold(len(self.site_ids))
 
 
 @dataclass(frozen=True)

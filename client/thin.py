@@ -36,14 +36,7 @@ __all__ = ["contribute_vector", "round_params"]
 
 def round_params(spec: RoundSpec) -> SecAggParams:
     """The secure-aggregation parameters of a round, as the aggregator derives them."""
-    return SecAggParams(
-        round_id=spec.round_id,
-        site_ids=tuple(spec.site_ids),
-        threshold=spec.effective_threshold,
-        length=spec.length,
-        bits=spec.bits,
-        degree=spec.degree,
-    )
+    return SecAggParams.for_round(spec)
 
 
 def contribute_vector(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from fedlens.errors import ConfigurationError
+from fedlens.types import RoundSpec
 from privacy import secagg_graph
 from privacy.fixedpoint import MAX_BITS
 
@@ -83,6 +84,18 @@ class SecAggParams:
             raise ConfigurationError(
                 f"degree must be 0 (complete graph) or an even number, got {self.degree}"
             )
+
+    @classmethod
+    def for_round(cls, spec: RoundSpec) -> SecAggParams:
+        """The parameters of a round spec; the aggregator and every site derive the same."""
+        return cls(
+            round_id=spec.round_id,
+            site_ids=tuple(spec.site_ids),
+            threshold=spec.effective_threshold,
+            length=spec.length,
+            bits=spec.bits,
+            degree=spec.degree,
+        )
 
     @property
     def complete(self) -> bool:

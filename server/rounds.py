@@ -440,14 +440,7 @@ def protocol_params(spec: RoundSpec) -> SecAggParams:
         raise ConfigurationError(
             f"colluding ({spec.colluding}) must be below the threshold ({spec.effective_threshold})"
         )
-    return SecAggParams(
-        round_id=spec.round_id,
-        site_ids=tuple(spec.site_ids),
-        threshold=spec.effective_threshold,
-        length=spec.length,
-        bits=spec.bits,
-        degree=spec.degree,
-    )
+    return SecAggParams.for_round(spec)
 
 
 # Audit log action of each journaled message.

@@ -77,7 +77,7 @@ def site_vectors(sites: tuple[str, ...] = SITES) -> dict[str, np.ndarray]:
 
 
 def params_of(s: RoundSpec) -> SecAggParams:
-    return SecAggParams(s.round_id, s.site_ids, s.effective_threshold, s.length, s.bits, s.degree)
+    return SecAggParams.for_round(s)
 
 
 def run_sites(

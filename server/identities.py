@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
 from sqlalchemy import DateTime, LargeBinary, String, select
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedlens.errors import (
     AuthenticationError,
     ConfigurationError,
     NotFoundError,
-    StorageError,
 )
 from fedlens.identity import check_public_key, check_site_id, fingerprint
 from server.storage import Store
@@ -87,20 +83,10 @@ class IdentityRegistry:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        # The same engine (and so the same database and SQLite pragmas) as the store's tables.
-        self._engine: Engine = store._engine
-        try:
-            _Base.metadata.create_all(self._engine)
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot create the site_identities table: {exc}") from exc
+        store.create_tables(_Base.metadata, "site_identities table")
 
-    @contextmanager
-    def _session(self) -> Iterator[Session]:
-        try:
-            with Session(self._engine) as session, session.begin():
-                yield session
-        except SQLAlchemyError as exc:
-            raise StorageError(f"identity registry operation failed: {exc}") from exc
+    def _session(self) -> AbstractContextManager[Session]:
+        return self._store.session()
 
     def enroll(
         self,

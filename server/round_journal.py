@@ -15,17 +15,16 @@ unmasking shares, and it is deleted when the round completes or aborts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from sqlalchemy import JSON, Float, Integer, LargeBinary, String, delete, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedlens.errors import IntegrityError, StorageError
+from fedlens.errors import IntegrityError
 from fedlens.secagg_types import EncryptedShare, RevealedShare, ShareKind, SignedKeys
 from fedlens.types import PrivacyCost
 from privacy.secagg_params import SecAggParams
@@ -70,19 +69,10 @@ class RoundJournal:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._engine = store.engine
-        try:
-            _Base.metadata.create_all(self._engine)
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot create the round journal tables: {exc}") from exc
+        store.create_tables(_Base.metadata, "round journal tables")
 
-    @contextmanager
-    def _session(self) -> Iterator[Session]:
-        try:
-            with Session(self._engine) as session, session.begin():
-                yield session
-        except SQLAlchemyError as exc:
-            raise StorageError(f"round journal operation failed: {exc}") from exc
+    def _session(self) -> AbstractContextManager[Session]:
+        return self._store.session()
 
     def append(
         self,

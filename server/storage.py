@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     LargeBinary,
+    MetaData,
     String,
     Text,
     create_engine,
@@ -221,17 +222,25 @@ class Store:
         self._engine.dispose()
 
     @contextmanager
-    def _session(self) -> Iterator[Session]:
+    def session(self) -> Iterator[Session]:
+        """An ORM session in one transaction; SQLAlchemy errors become StorageError."""
         try:
             with Session(self._engine) as session, session.begin():
                 yield session
         except SQLAlchemyError as exc:
             raise StorageError(f"store operation failed: {exc}") from exc
 
+    def create_tables(self, metadata: MetaData, what: str) -> None:
+        """Create another module's tables in this store's database (same engine, pragmas)."""
+        try:
+            metadata.create_all(self._engine)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot create the {what}: {exc}") from exc
+
     # -- rounds ------------------------------------------------------------------
 
     def save_round(self, spec: RoundSpec, phase: str, *, now: datetime) -> None:
-        with self._session() as s:
+        with self.session() as s:
             s.add(
                 _RoundRow(
                     round_id=spec.round_id,
@@ -261,7 +270,7 @@ class Store:
     def update_round(
         self, round_id: str, phase: str, *, now: datetime, reason: str = "", release_id: str = ""
     ) -> None:
-        with self._session() as s:
+        with self.session() as s:
             row = s.get(_RoundRow, round_id)
             if row is None:
                 raise NotFoundError(f"no round {round_id!r}")
@@ -271,7 +280,7 @@ class Store:
 
     def unfinished_rounds(self) -> list[RoundSpec]:
         """Specs of every round that neither completed nor aborted, oldest first."""
-        with self._session() as s:
+        with self.session() as s:
             rows = s.scalars(
                 select(_RoundRow)
                 .where(_RoundRow.phase.not_in(("complete", "aborted")))
@@ -280,12 +289,12 @@ class Store:
             return [_spec_from_row(row) for row in rows]
 
     def round_exists(self, round_id: str) -> bool:
-        with self._session() as s:
+        with self.session() as s:
             return s.get(_RoundRow, round_id) is not None
 
     def round_phase(self, round_id: str) -> tuple[str, str, str]:
         """``(phase, reason, release_id)`` of a stored round."""
-        with self._session() as s:
+        with self.session() as s:
             row = s.get(_RoundRow, round_id)
             if row is None:
                 raise NotFoundError(f"no round {round_id!r}")
@@ -294,7 +303,7 @@ class Store:
     # -- releases ----------------------------------------------------------------
 
     def save_release(self, release: Release, *, created_at: datetime) -> None:
-        with self._session() as s:
+        with self.session() as s:
             s.add(
                 _ReleaseRow(
                     release_id=release.release_id,
@@ -318,14 +327,14 @@ class Store:
             )
 
     def get_release(self, release_id: str) -> Release:
-        with self._session() as s:
+        with self.session() as s:
             row = s.get(_ReleaseRow, release_id)
             if row is None:
                 raise NotFoundError(f"no release {release_id!r}")
             return _release_from_row(row)
 
     def list_releases(self, *, limit: int = 100, kind: str = "") -> list[ReleaseSummary]:
-        with self._session() as s:
+        with self.session() as s:
             query = select(_ReleaseRow).order_by(_ReleaseRow.created_at.desc()).limit(limit)
             if kind:
                 query = query.where(_ReleaseRow.kind == kind)
@@ -354,7 +363,7 @@ class Store:
             The report changes the site's budget or δ, or drops or rewrites a mirrored
             event; nothing is stored.
         """
-        with self._session() as s:
+        with self.session() as s:
             row = s.get(_SiteLedgerRow, ledger.site_id)
             if row is None:
                 row = _SiteLedgerRow(
@@ -396,7 +405,7 @@ class Store:
 
     def site_ledgers(self, *, site_id: str = "") -> list[SiteLedger]:
         """The mirrored ledgers (all, or one site's), events oldest first; ε not computed."""
-        with self._session() as s:
+        with self.session() as s:
             query = select(_SiteLedgerRow).order_by(_SiteLedgerRow.site_id)
             if site_id:
                 query = query.where(_SiteLedgerRow.site_id == site_id)
@@ -430,7 +439,7 @@ class Store:
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
         model_id = model_id or uuid.uuid4().hex
-        with self._session() as s:
+        with self.session() as s:
             s.add(
                 _ModelRow(
                     model_id=model_id,
@@ -445,7 +454,7 @@ class Store:
 
     def get_model(self, model_id: str) -> StoredModel:
         """The stored model ``model_id``; :class:`NotFoundError` if there is none."""
-        with self._session() as s:
+        with self.session() as s:
             row = s.get(_ModelRow, model_id)
             if row is None:
                 raise NotFoundError(f"no model {model_id!r}")
@@ -459,7 +468,7 @@ class Store:
         NotFoundError
             No model is stored yet (training has not finished, or never stored one).
         """
-        with self._session() as s:
+        with self.session() as s:
             query = select(_ModelRow).order_by(_ModelRow.created_at.desc()).limit(1)
             if dataset:
                 query = query.where(_ModelRow.dataset == dataset)
@@ -515,20 +524,19 @@ class Store:
         round_id: str = "",
         detail: str = "",
     ) -> None:
-        with self._session() as s:
-            s.add(
-                _AuditRow(
-                    at=now,
-                    actor=actor,
-                    action=action,
-                    round_id=round_id,
-                    outcome=outcome,
-                    detail=detail[:2000],
-                )
+        with self.transaction() as connection:
+            self.add_audit(
+                connection,
+                now=now,
+                actor=actor,
+                action=action,
+                outcome=outcome,
+                round_id=round_id,
+                detail=detail,
             )
 
     def audit_entries(self, *, round_id: str = "") -> list[AuditEntry]:
-        with self._session() as s:
+        with self.session() as s:
             query = select(_AuditRow).order_by(_AuditRow.id)
             if round_id:
                 query = query.where(_AuditRow.round_id == round_id)

@@ -17,7 +17,6 @@ and SIGKILL gives it no chance to clean up.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -44,10 +43,9 @@ from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_p
 from privacy import FixedPointCodec, SeededRandom
 from privacy.secagg_params import SecAggParams
 from privacy.secagg_site import SiteSession
+from tests.secagg_spec import CLIP, LABELS, attribution_round
 
 SITES = ("site-a", "site-b", "site-c", "site-d")
-LABELS = ("age", "sex=Female", "sex=Male")
-CLIP = 0.5
 WAIT_S = 30.0  # longest any step of a test waits; a healthy run takes a few seconds
 
 _FORKSERVER = multiprocessing.get_context("forkserver")
@@ -160,19 +158,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 
 
 def round_spec(round_id: str, *, phase_timeout_s: float) -> RoundSpec:
-    return RoundSpec(
-        round_id=round_id,
-        kind="global_attribution",
-        site_ids=SITES,
-        length=len(LABELS) + 1,
-        bits=40,
-        scale=2.0**16,
-        clip_bound=CLIP,
-        labels=LABELS,
-        phase_timeout_s=phase_timeout_s,
-        params={"groups": json.dumps({"age": [0], "sex": [1, 2]})},
-        threshold=3,
-    )
+    return attribution_round(round_id, SITES, threshold=3, phase_timeout_s=phase_timeout_s)
 
 
 def open_round(deployment: Deployment, spec: RoundSpec) -> None:

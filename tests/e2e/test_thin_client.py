@@ -30,10 +30,9 @@ from privacy.secagg_site import SiteSession
 from server.aggregation import Aggregator, QueryHandler
 from server.grpc_server import RunningServer, serve
 from server.storage import Store
+from tests.secagg_spec import CLIP, attribution_round
 
 ROOT = Path(__file__).resolve().parents[2]
-LABELS = ("age", "sex=Female", "sex=Male")
-CLIP = 0.5
 CLIP_NORM = 40.0
 TIMEOUT_S = 60.0
 HEAVY = ("torch", "flwr", "opacus", "captum", "dp_accounting", "sqlalchemy")
@@ -107,18 +106,7 @@ def aggregator(tmp_path: Path) -> Iterator[RunningServer]:
 
 
 def round_spec() -> RoundSpec:
-    return RoundSpec(
-        round_id="thin",
-        kind="global_attribution",
-        site_ids=("thin-1", "thin-2", "full"),
-        length=len(LABELS) + 1,
-        bits=40,
-        scale=2.0**16,
-        clip_bound=CLIP,
-        labels=LABELS,
-        phase_timeout_s=TIMEOUT_S,
-        params={"groups": json.dumps({"age": [0], "sex": [1, 2]})},
-    )
+    return attribution_round("thin", ("thin-1", "thin-2", "full"), phase_timeout_s=TIMEOUT_S)
 
 
 def thin_site(

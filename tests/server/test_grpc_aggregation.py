@@ -30,11 +30,10 @@ from server.aggregation import Aggregator, QueryHandler
 from server.grpc_server import serve
 from server.identities import IdentityRegistry
 from server.storage import Store
+from tests.secagg_spec import CLIP, attribution_round
 from tests.server.conftest import Coordinator
 
 SITES = ("site-0", "site-1", "site-2")
-LABELS = ("age", "sex=Female", "sex=Male")
-CLIP = 0.5
 
 
 def spec(
@@ -44,19 +43,7 @@ def spec(
     threshold: int = 0,
     timeout: float = 10.0,
 ) -> RoundSpec:
-    return RoundSpec(
-        round_id=round_id,
-        kind="global_attribution",
-        site_ids=sites,
-        length=len(LABELS) + 1,
-        bits=40,
-        scale=2.0**16,
-        clip_bound=CLIP,
-        labels=LABELS,
-        phase_timeout_s=timeout,
-        params={"groups": json.dumps({"age": [0], "sex": [1, 2]})},
-        threshold=threshold,
-    )
+    return attribution_round(round_id, sites, threshold=threshold, phase_timeout_s=timeout)
 
 
 def cost(site: str) -> PrivacyCost:

@@ -29,6 +29,7 @@ is below ``2**521`` and travels as 66 big-endian bytes.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import secrets
 from collections.abc import Callable, Sequence
@@ -228,7 +229,7 @@ def combine_shares(shares: Sequence[Share], threshold: int, secret_len: int) -> 
 
     basis = [share.x for share in shares[:threshold]]
     values = [share.y for share in shares[:threshold]]
-    weights = _barycentric_weights(basis)
+    weights = _barycentric_weights(tuple(basis))
     for extra in shares[threshold:]:
         expected = _evaluate(basis, values, weights, extra.x)
         # Compare in constant time: both sides are secret-derived field elements.
@@ -274,8 +275,13 @@ def _random_element(token_bytes: Callable[[int], bytes]) -> int:
             return candidate
 
 
-def _barycentric_weights(xs: Sequence[int]) -> list[int]:
+@functools.lru_cache(maxsize=64)
+def _barycentric_weights(xs: tuple[int, ...]) -> list[int]:
     """``w_i = 1 / prod_{j != i} (x_i - x_j)`` modulo ``p``, with one modular inverse.
+
+    They depend only on the public x-coordinates, so they are cached: an aggregator that
+    rebuilds many secrets from the same sites' shares computes them once. Callers must
+    not modify the returned list.
 
     The differences are below ``2**16`` in magnitude, so each product is formed from small
     integers before a single reduction; the ``t`` inverses share one ``pow(·, -1, p)``

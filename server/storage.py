@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
     select,
 )
@@ -334,19 +335,37 @@ class Store:
             return _release_from_row(row)
 
     def list_releases(self, *, limit: int = 100, kind: str = "") -> list[ReleaseSummary]:
+        """Newest first; one query reading only the summary columns and each cost count
+        (the released values stay in the database)."""
+        sites = (
+            select(_CostRow.release_id, func.count().label("num_sites"))
+            .group_by(_CostRow.release_id)
+            .subquery()
+        )
+        query = (
+            select(
+                _ReleaseRow.release_id,
+                _ReleaseRow.round_id,
+                _ReleaseRow.kind,
+                _ReleaseRow.created_at,
+                func.coalesce(sites.c.num_sites, 0),
+            )
+            .outerjoin(sites, sites.c.release_id == _ReleaseRow.release_id)
+            .order_by(_ReleaseRow.created_at.desc())
+            .limit(limit)
+        )
+        if kind:
+            query = query.where(_ReleaseRow.kind == kind)
         with self.session() as s:
-            query = select(_ReleaseRow).order_by(_ReleaseRow.created_at.desc()).limit(limit)
-            if kind:
-                query = query.where(_ReleaseRow.kind == kind)
             return [
                 ReleaseSummary(
-                    release_id=row.release_id,
-                    round_id=row.round_id,
-                    kind=row.kind,
-                    created_at=_iso(row.created_at),
-                    num_sites=len(row.costs),
+                    release_id=release_id,
+                    round_id=round_id,
+                    kind=row_kind,
+                    created_at=_iso(created_at),
+                    num_sites=int(num_sites),
                 )
-                for row in s.scalars(query)
+                for release_id, round_id, row_kind, created_at, num_sites in s.execute(query)
             ]
 
     # -- mirrored site ledgers -------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks.secagg_plain import start_plain_server
 from benchmarks.secagg_setup import KIND
-from fedlens.errors import DropoutError
+from fedlens.errors import DropoutError, ExplanationError
 from fedlens.v1 import aggregation_pb2_grpc
 
 __all__ = ["ServerProcess"]
@@ -114,7 +114,8 @@ def _start_fedlens(
         return PostProcessed(noised_count=0.0, values=(), grouped=())
 
     def contribute(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("the benchmark kind only post-processes")
+        # The benchmark's sites submit prepared vectors; no site computes this kind.
+        raise ExplanationError(f"{KIND} has no per-record contribution: its sites send vectors")
 
     register_kind(ExplanationKind(name=KIND, contribute=contribute, postprocess=postprocess))
     if profiles is not None:

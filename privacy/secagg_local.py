@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedlens.errors import DropoutError
+from fedlens.errors import DropoutError, StaleRoundError
 from fedlens.secagg_types import SecAggPhase
 from privacy.secagg_crypto import raw_public
 from privacy.secagg_params import SecAggParams
@@ -68,7 +68,8 @@ def run_round(
     sharers = []
     for site in active("share"):
         keys = server.keys_for(site, now=now)
-        assert keys is not None
+        if keys is None:
+            raise StaleRoundError(f"round {params.round_id} did not reach the next phase")
         try:
             sealed = sites[site].share_keys(keys, public)
         except DropoutError:
@@ -83,7 +84,8 @@ def run_round(
         if site not in sharers:
             continue
         received = server.shares_for(site, now=now)
-        assert received is not None
+        if received is None:
+            raise StaleRoundError(f"round {params.round_id} did not reach the next phase")
         try:
             masked = sites[site].masked_input(inputs[site], received)
         except DropoutError:
@@ -97,7 +99,8 @@ def run_round(
         if site not in server.submitted:
             continue
         request = server.unmask_request(site, now=now)
-        assert request is not None
+        if request is None:
+            raise StaleRoundError(f"round {params.round_id} did not reach the next phase")
         server.unmask(site, sites[site].unmask(request.survivors, request.dropped), now=now)
     if server.phase is SecAggPhase.UNMASKING:
         settle()

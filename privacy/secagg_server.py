@@ -301,7 +301,17 @@ class ServerSession:
         if not self._phase.finished:
             self._phase = SecAggPhase.ABORTED
             self.reason = reason
-            self._sum = np.zeros(0, dtype=np.uint64)
+            self._drop_bulk()
+
+    def _drop_bulk(self) -> None:
+        """Once the round has ended, keep only who took part: the running sum, sealed and
+        revealed shares are no longer needed, and a long-lived aggregator keeps many
+        finished rounds."""
+        self._sum = np.zeros(0, dtype=np.uint64)
+        self._shares = {site: () for site in self._shares}
+        self._revealed = {site: () for site in self._revealed}
+        self._inbox.clear()
+        self._gathered.clear()
 
     # -- internals -------------------------------------------------------------------
 
@@ -350,7 +360,7 @@ class ServerSession:
                 self.abort(f"{exc} {when}".strip())
                 return
             self._phase = SecAggPhase.COMPLETE
-            self._sum = np.zeros(0, dtype=np.uint64)
+            self._drop_bulk()
             return
         answered = {
             SecAggPhase.ADVERTISING: len(set(self._keys) - set(self._withdrawn)),

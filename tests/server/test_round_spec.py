@@ -58,3 +58,50 @@ def test_method_classes_and_cohort_reach_the_round_and_size_it() -> None:
 def test_a_bad_cohort_is_refused_before_any_site_is_asked(cohort: str, problem: str) -> None:
     with pytest.raises(ConfigurationError, match=problem):
         explanation_round_spec(RunConfig(explain_cohort=cohort), PRE, SITES, round_id="r")
+
+
+def test_distributed_noise_widens_the_modulus_for_the_shares() -> None:
+    from explain import l2_sensitivity
+    from privacy import (
+        FixedPointCodec,
+        calibrate_shares,
+        discrete_gaussian_noise_multiplier,
+        encoded_sensitivity,
+        wraparound_bits,
+    )
+    from server.flower_app import MAX_RECORDS_PER_SITE
+
+    local = explanation_round_spec(RunConfig(), PRE, SITES, round_id="r")
+    run = RunConfig(secagg_noise="distributed", secagg_colluding=0)
+    spec = explanation_round_spec(run, PRE, SITES, round_id="r")
+    assert spec.noise == "distributed" and spec.params["noise"] == "distributed"
+    assert spec.bits >= local.bits and spec.scale == local.scale
+    # The chosen modulus keeps the chance that any coordinate wraps below 2**-40.
+    share = calibrate_shares(
+        noise_multiplier=discrete_gaussian_noise_multiplier(run.explain_epsilon, run.explain_delta),
+        sensitivity=encoded_sensitivity(
+            l2_sensitivity(run.attribution_clip), spec.scale, spec.length
+        ),
+        dimension=spec.length,
+        threshold=2,
+        colluding=0,
+    ).share_sigma
+    needed, bound = wraparound_bits(
+        num_sites=2,
+        max_abs_encoded=MAX_RECORDS_PER_SITE * run.attribution_clip * spec.scale + 1,
+        share_sigma=share,
+        dimension=spec.length,
+    )
+    assert spec.bits >= needed and bound <= 2.0**-40
+    assert FixedPointCodec(bits=spec.bits, scale=spec.scale).modulus >= 2**needed
+
+
+def test_colluding_sites_must_stay_below_the_threshold() -> None:
+    from server.rounds import protocol_params
+
+    run = RunConfig(secagg_noise="distributed", secagg_colluding=2)
+    with pytest.raises(ConfigurationError, match="colluding"):
+        explanation_round_spec(run, PRE, SITES, round_id="r")
+    local = explanation_round_spec(RunConfig(secagg_colluding=2), PRE, SITES, round_id="r")
+    with pytest.raises(ConfigurationError, match="colluding"):
+        protocol_params(local)

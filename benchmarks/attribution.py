@@ -73,7 +73,6 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from client.explanation import per_site_limit
 from explain import get_kind, integrated_gradients, l2_sensitivity
 from fedlens.datasets import Partition, load_dataset
 from fedlens.errors import ConfigurationError
@@ -253,7 +252,7 @@ def _release(
         else 0.0
     )
     ids = tuple(f"site-{i}" for i in range(len(contributions)))
-    limit = per_site_limit(codec, len(ids))
+    limit = codec.site_limit(len(ids))
     round_id = f"attribution-{seed}-{eps_key(epsilon)}"
     encoded, noised, seconds = {}, [], []
     for index, (vector, site) in enumerate(zip(contributions, ids, strict=True)):

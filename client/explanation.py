@@ -40,7 +40,7 @@ from privacy import (
 from privacy.secagg_params import SecAggParams, default_threshold
 from privacy.secagg_site import SiteSession
 
-__all__ = ["ExplainOutcome", "ExplainRequest", "contribute_explanation", "per_site_limit"]
+__all__ = ["ExplainOutcome", "ExplainRequest", "contribute_explanation"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _contribute(
         # sites costs nobody anything. The spend is recorded before anything noised
         # leaves the site.
         codec = FixedPointCodec(bits=request.bits, scale=request.scale)
-        limit = per_site_limit(codec, len(request.site_ids))
+        limit = codec.site_limit(len(request.site_ids))
         if request.noise == "distributed":
             encoded, std, cost = _distributed_input(
                 request, site_id, contribution.vector, event, ledger, store, rng, codec, limit
@@ -302,8 +302,3 @@ def _distributed_input(
         epsilon_total=epsilon_total,
     )
     return encoded, calibration.share_sigma / request.scale, cost
-
-
-def per_site_limit(codec: FixedPointCodec, num_sites: int) -> float:
-    """Largest magnitude one site may encode so that the sum of all sites cannot wrap."""
-    return float((2 ** (codec.bits - 2) / num_sites - 1) / codec.scale)

@@ -111,7 +111,7 @@ def contribute_vector(
         # Drawn only once every neighbour has shared keys, right before masking.
         noised = clipped + source.normal(spec.length, noise_std)
         # Clamping a DP value is post-processing; it rules out wrap-around in the sum.
-        limit = (2 ** (spec.bits - 2) / len(spec.site_ids) - 1) / spec.scale
+        limit = codec.site_limit(len(spec.site_ids))
         encoded = codec.encode(np.clip(noised, -limit, limit), source)
         return SiteInput(encoded, cost, noise_std)
 

@@ -73,6 +73,11 @@ class FixedPointCodec:
             value = math.nextafter(value, 0.0)
         return value
 
+    def site_limit(self, num_sites: int) -> float:
+        """Largest magnitude one of ``num_sites`` sites may encode so that their sum, each
+        rounded up by at most one step, stays within ``2**(bits-2)`` and cannot wrap."""
+        return float((2 ** (self.bits - 2) / num_sites - 1) / self.scale)
+
     def encode(self, values: np.ndarray, rng: NoiseSource) -> np.ndarray:
         """Stochastically round ``values * scale`` and reduce modulo ``2**bits``.
 

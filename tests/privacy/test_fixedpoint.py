@@ -191,3 +191,16 @@ def test_choose_refuses_more_than_62_bits_and_bad_arguments() -> None:
 def test_choose_known_answer() -> None:
     # 3 * (1 * 1e6 + 1) = 3_000_003 <= 2**22, > 2**21: bits - 2 = 22.
     assert FixedPointCodec.choose(3, 1.0, 1e-6) == FixedPointCodec(bits=24, scale=1e6)
+
+
+@pytest.mark.parametrize("num_sites", [1, 3, 100])
+def test_site_limit_keeps_the_sum_of_every_site_from_wrapping(num_sites: int) -> None:
+    codec = FixedPointCodec(bits=20, scale=8.0)
+    limit = codec.site_limit(num_sites)
+    for sign in (1.0, -1.0):
+        encoded = [
+            codec.encode(np.array([sign * limit]), SeededRandom(i)) for i in range(num_sites)
+        ]
+        assert codec.decode(codec.sum(encoded))[0] == pytest.approx(
+            sign * limit * num_sites, abs=num_sites / codec.scale
+        )

@@ -30,11 +30,18 @@ __all__ = [
     "RoundSpec",
     "RoundStatus",
     "SiteLedger",
+    "default_threshold",
 ]
 
 
 RoundPhase = SecAggPhase
 """Where a secure-aggregation round stands (the phases of :class:`SecAggPhase`)."""
+
+
+def default_threshold(num_sites: int) -> int:
+    """``floor(2n/3) + 1``, capped at ``n``: a round then tolerates a third of its sites
+    dropping out."""
+    return min(num_sites, (2 * num_sites) // 3 + 1)
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,7 @@ class RoundSpec:
     @property
     def effective_threshold(self) -> int:
         """``threshold``, or ``floor(2n/3) + 1`` (at most ``n``) when it is 0."""
-        n = len(self.site_ids)
-        return self.threshold or min(n, (2 * n) // 3 + 1)
+        return self.threshold or default_threshold(len(self.site_ids))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from fedlens.errors import ConfigurationError
-from fedlens.types import RoundSpec
+from fedlens.types import RoundSpec, default_threshold
 from privacy import secagg_graph
 from privacy.fixedpoint import MAX_BITS
 
@@ -30,11 +30,6 @@ __all__ = ["SecAggParams", "default_threshold"]
 
 MAX_SITES = 65535
 """Shamir x-coordinates are 16 bits: one per site, its 1-based position in the round."""
-
-
-def default_threshold(num_sites: int) -> int:
-    """``floor(2n/3) + 1``, capped at ``n``: tolerates a third of the sites dropping out."""
-    return min(num_sites, (2 * num_sites) // 3 + 1)
 
 
 @dataclass(frozen=True)

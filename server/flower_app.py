@@ -32,7 +32,7 @@ from fedlens.errors import ConfigurationError, DropoutError, FedlensError, Proto
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
 from fedlens.status_codes import error_from_rpc
-from fedlens.types import RoundPhase, RoundSpec, RoundStatus, SiteLedger
+from fedlens.types import RoundPhase, RoundSpec, RoundStatus, SiteLedger, default_threshold
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
 from privacy import (
     FixedPointCodec,
@@ -130,7 +130,7 @@ def distributed_bits(run: RunConfig, codec: FixedPointCodec, num_sites: int, len
     chance that any coordinate of the sum wraps around by ``2**-40``.
     """
     n = num_sites
-    threshold = run.secagg_threshold or min(n, (2 * n) // 3 + 1)
+    threshold = run.secagg_threshold or default_threshold(n)
     calibration = calibrate_shares(
         noise_multiplier=discrete_gaussian_noise_multiplier(run.explain_epsilon, run.explain_delta),
         sensitivity=encoded_sensitivity(l2_sensitivity(run.attribution_clip), codec.scale, length),

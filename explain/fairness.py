@@ -74,7 +74,13 @@ import torch
 from torch import nn
 
 from explain.global_attribution import DEFAULT_STEPS, integrated_gradients
-from explain.registry import Contribution, ExplanationKind, PostProcessed, register_kind
+from explain.registry import (
+    Contribution,
+    ExplanationKind,
+    PostProcessed,
+    SiteContext,
+    register_kind,
+)
 from fedlens.errors import ConfigurationError, ExplanationError
 from fedlens.types import ReleasedValue
 from privacy import clip_rows
@@ -331,7 +337,9 @@ def _contribute(
     clip_bound: float,
     /,
     sensitive: Mapping[str, np.ndarray] | None = None,
+    context: SiteContext | None = None,
 ) -> Contribution:
+    del context  # the breakdown is by sensitive group, never by site
     if features.ndim != 2:
         raise ExplanationError(f"features must be (n, d), got shape {features.shape}")
     if not math.isfinite(clip_bound) or clip_bound <= 0:

@@ -67,7 +67,13 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from explain.registry import Contribution, ExplanationKind, PostProcessed, register_kind
+from explain.registry import (
+    Contribution,
+    ExplanationKind,
+    PostProcessed,
+    SiteContext,
+    register_kind,
+)
 from fedlens.errors import ConfigurationError, ExplanationError
 from fedlens.types import ReleasedValue
 from privacy import clip_rows
@@ -343,8 +349,9 @@ def _contribute(
     clip_bound: float,
     /,
     sensitive: Mapping[str, np.ndarray] | None = None,
+    context: SiteContext | None = None,
 ) -> Contribution:
-    del model, labels, sensitive  # statistics of the inputs alone
+    del model, labels, sensitive, context  # statistics of the inputs alone
     if features.ndim != 2:
         raise ExplanationError(f"features must be (n, d), got shape {features.shape}")
     layout = FeatureLayout.from_params(params, dimension=features.shape[1])

@@ -71,7 +71,13 @@ from explain.attribution_methods import (
     gradient_shap,
     integrated_gradients,
 )
-from explain.registry import Contribution, ExplanationKind, PostProcessed, register_kind
+from explain.registry import (
+    Contribution,
+    ExplanationKind,
+    PostProcessed,
+    SiteContext,
+    register_kind,
+)
 from fedlens.datasets import Preprocessor
 from fedlens.errors import ConfigurationError, ExplanationError
 from fedlens.types import ReleasedValue
@@ -241,8 +247,13 @@ def _contribute(
     clip_bound: float,
     /,
     sensitive: Mapping[str, np.ndarray] | None = None,
+    context: SiteContext | None = None,
 ) -> Contribution:
-    del labels, sensitive  # attributions explain the prediction, whatever the record's label
+    del (
+        labels,
+        sensitive,
+        context,
+    )  # attributions explain the prediction, whatever the record's label
     settings = AttributionSettings.from_params(params)
     names = (
         tuple(str(n) for n in _json(params, "feature_names", list))

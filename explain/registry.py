@@ -11,7 +11,7 @@ computes anything.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ __all__ = [
     "Contribution",
     "ExplanationKind",
     "PostProcessed",
+    "SiteContext",
     "available_kinds",
     "get_kind",
     "l2_sensitivity",
@@ -59,6 +60,28 @@ def l2_sensitivity(clip_bound: float) -> float:
 
 
 @dataclass(frozen=True)
+class SiteContext:
+    """What a site knows besides its records and the round's parameters.
+
+    Attributes
+    ----------
+    site_id, site_ids
+        This site and every site of the round, in the round's order.
+    site_breakdown
+        The site's policy allows results broken down by site (its own coordinate in a
+        sum, released with local noise only).
+    arrays
+        Public arrays sent with the request: released second-order factors, TracIn
+        checkpoints, a validation-loss gradient. Nothing in them is site data.
+    """
+
+    site_id: str = ""
+    site_ids: tuple[str, ...] = ()
+    site_breakdown: bool = False
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PostProcessed:
     noised_count: float
     values: tuple[ReleasedValue, ...]
@@ -66,11 +89,12 @@ class PostProcessed:
 
 
 class ContributeFn(Protocol):
-    """``contribute(model, features, labels, params, clip_bound, sensitive=None)``.
+    """``contribute(model, features, labels, params, clip_bound, sensitive, context)``.
 
     ``sensitive`` maps each sensitive attribute the site holds to its records' raw
     values, ``(n,)`` each (:attr:`fedlens.datasets.SiteData.sensitive`); it never leaves
-    the site except through the clipped term. Kinds that do not need it ignore it.
+    the site except through the clipped term. ``context`` says which site computes and
+    carries the public arrays of the request. Kinds that do not need them ignore them.
     """
 
     def __call__(
@@ -82,6 +106,7 @@ class ContributeFn(Protocol):
         clip_bound: float,
         /,
         sensitive: Mapping[str, np.ndarray] | None = None,
+        context: SiteContext | None = None,
     ) -> Contribution: ...
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from client.ledger_store import LedgerStore
 from client.secagg_client import AggregationClient, SiteInput, run_secure_round
-from explain import Contribution, ExplanationKind, get_kind, l2_sensitivity
+from explain import Contribution, ExplanationKind, SiteContext, get_kind, l2_sensitivity
 from fedlens.errors import ConfigurationError, FedlensError, ProtocolError
 from fedlens.types import PrivacyCost, RoundStatus
 from privacy import (
@@ -58,6 +58,9 @@ class ExplainRequest:
         Per-record L2 bound of the explanation term.
     bits, scale
         Fixed-point encoding chosen by the coordinator for the whole round.
+    public
+        Public arrays the kind reads besides the model (released second-order factors,
+        TracIn checkpoints, a validation-loss gradient); never site data.
     """
 
     round_id: str
@@ -75,6 +78,7 @@ class ExplainRequest:
     degree: int = 0
     noise: str = "local"
     colluding: int = 0
+    public: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def protocol_params(self, length: int) -> SecAggParams:
         """The secure-aggregation parameters of this round, as the aggregator derives them."""
@@ -125,12 +129,14 @@ def contribute_explanation(
     connect: Callable[[str], AggregationClient] = AggregationClient,
     sensitive: Mapping[str, np.ndarray] | None = None,
     identity: Ed25519PrivateKey | None = None,
+    site_breakdown: bool = False,
 ) -> ExplainOutcome:
     """Compute, clip, noise, account, encode, mask and submit this site's contribution.
 
     ``sensitive`` (attribute -> ``(n,)`` raw values of the site's records) is handed to
     the kind's ``contribute`` for kinds that break results down by sensitive group; like
     the features, it reaches the aggregator only inside the clipped, noised, masked sum.
+    ``site_breakdown`` is the site's policy on releases broken down by site.
 
     The spend is recorded only once every site of the round has advertised its key, so
     a round that never gathers its sites costs nobody anything; it is recorded before
@@ -184,6 +190,12 @@ def contribute_explanation(
                 rng,
                 client,
                 identity or Ed25519PrivateKey.generate(),
+                SiteContext(
+                    site_id=site_id,
+                    site_ids=tuple(request.site_ids),
+                    site_breakdown=site_breakdown,
+                    arrays=request.public,
+                ),
             )
         except FedlensError as exc:
             if not isinstance(exc, ProtocolError):
@@ -218,12 +230,13 @@ def _contribute(
     rng: NoiseSource,
     client: AggregationClient,
     identity: Ed25519PrivateKey,
+    context: SiteContext,
 ) -> tuple[Contribution, PrivacyCost, float, RoundStatus]:
     # Computed before the keys are advertised: a site that cannot contribute (a cohort
     # below its minimum size, parameters its data do not fit) declines without ever
     # joining the key exchange, and the computation reveals nothing by itself.
     contribution = kind.contribute(
-        model, features, labels, request.params, request.clip_bound, sensitive
+        model, features, labels, request.params, request.clip_bound, sensitive, context
     )
     session = SiteSession(request.protocol_params(contribution.vector.size), site_id, identity)
     spent: list[tuple[PrivacyCost, float]] = []

@@ -61,8 +61,10 @@ def _optional(record: ConfigRecord, key: str, kind: type[T], default: T) -> T:
     return _field(record, key, kind) if key in record else default
 
 
-def explain_request_from_config(cfg: ConfigRecord) -> ExplainRequest:
-    """The coordinator's ``query.explain`` configuration, validated."""
+def explain_request_from_config(
+    cfg: ConfigRecord, public: ArrayRecord | None = None
+) -> ExplainRequest:
+    """The coordinator's ``query.explain`` configuration, validated, with its public arrays."""
     try:
         site_ids = tuple(json.loads(_field(cfg, "site-ids", str)))
         params = json.loads(_field(cfg, "params", str))
@@ -84,6 +86,7 @@ def explain_request_from_config(cfg: ConfigRecord) -> ExplainRequest:
         degree=_optional(cfg, "degree", int, 0),
         noise=_optional(cfg, "noise", str, "local"),
         colluding=_optional(cfg, "colluding", int, 0),
+        public={k: v.numpy() for k, v in public.items()} if public is not None else {},
     )
 
 
@@ -114,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("explain")
 def explain(msg: Message, context: Context) -> Message:
     site = _site(context)
-    request = explain_request_from_config(_config(msg))
+    request = explain_request_from_config(_config(msg), msg.content.array_records.get("public"))
     outcome = site.explain(request, _arrays(msg).to_torch_state_dict(), now=datetime.now(UTC))
     content = RecordDict(
         {

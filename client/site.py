@@ -21,6 +21,7 @@ from client.explanation import ExplainOutcome, ExplainRequest, contribute_explan
 from client.ledger_store import LedgerStore
 from client.secagg_client import AggregationClient
 from client.site_config import SiteConfig
+from client.site_state import remember_factors, remember_model, remember_site
 from client.training import planned_steps, train_dp
 from fedlens.datasets import SiteData, load_dataset
 from fedlens.errors import BudgetExceededError
@@ -56,6 +57,10 @@ class Site:
         self.run = run
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        # Kept for the site operator's own tools (fedlens client review); never sent.
+        remember_site(
+            config.state_dir, run.to_flower(), config.model_dump(by_alias=True, mode="json")
+        )
         if config.threads:
             torch.set_num_threads(config.threads)
 
@@ -169,6 +174,7 @@ class Site:
         """
         run = self.run
         data = self.data()
+        remember_model(self.config.state_dir, state)
         if server_round == 1:
             self.check_run_fits(len(data.labels), now=now)
         q, steps = planned_steps(len(data.labels), run.batch_size, run.local_epochs)
@@ -219,6 +225,8 @@ class Site:
         """Contribute this site's clipped, noised, masked explanation to the aggregator."""
         data = self.data()
         model = self.model(data.features.shape[1], state)
+        remember_model(self.config.state_dir, state)
+        remember_factors(self.config.state_dir, request.params, request.public)
         store, ledger = self.ledger()
         return contribute_explanation(
             request,
@@ -233,6 +241,7 @@ class Site:
             sensitive=data.sensitive,
             identity=self.identity(),
             connect=self._connect,
+            site_breakdown=self.config.site_breakdown,
         )
 
     def _connect(self, address: str) -> AggregationClient:

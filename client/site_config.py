@@ -36,6 +36,11 @@ class SiteConfig(BaseModel):
     threads: int = Field(
         0, ge=0, le=256, description="torch threads for this site's work; 0 keeps torch's default"
     )
+    site_breakdown: bool = Field(
+        False,
+        alias="site-breakdown",
+        description="allow releases broken down by site (own coordinate, local noise only)",
+    )
     aggregator_ca: Path | None = Field(
         None,
         alias="aggregator-ca",

@@ -10,6 +10,7 @@
     fedlens explain --input FILE    explain one input (a JSON object of raw feature values)
     fedlens plan                    split a site budget between training and releases
     fedlens client budget           a site's ledger: budget, spend history, what is left
+    fedlens client review           a site's own records ranked by self-influence (stays local)
     fedlens keys identity|tls|enroll  site identity key, test certificates, enrolment
 
 Only this module configures logging, and it imports the ``server`` and ``client``

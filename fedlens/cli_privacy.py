@@ -82,6 +82,19 @@ def add_privacy_commands(sub: Any) -> None:
     budget.add_argument("--ledger", default="", help="the ledger file (overrides --state-dir)")
     budget.add_argument("--json", action="store_true", help="machine-readable output")
     budget.set_defaults(func=_cmd_client_budget)
+    review = csub.add_parser(
+        "review",
+        help="the site's own records ranked by self-influence (likely mislabelled first); "
+        "computed locally, nothing is sent",
+    )
+    review.add_argument(
+        "--state-dir",
+        default="fedlens-site",
+        help="the site's state directory (its node config's state-dir)",
+    )
+    review.add_argument("--top", type=int, default=20, help="how many records to list")
+    review.add_argument("--json", action="store_true", help="machine-readable output")
+    review.set_defaults(func=_cmd_client_review)
 
 
 def _site_records(args: argparse.Namespace) -> list[int]:
@@ -225,5 +238,63 @@ def _cmd_client_budget(args: argparse.Namespace, _settings: object) -> int:
         f"budget ε = {ledger.budget_epsilon:g} at δ = {ledger.delta:g}; spent ε = "
         f"{ledger.epsilon_spent():.4g} ({ledger.accountant.upper()} accounting of all "
         f"{len(history)} events composed); left ≈ {ledger.remaining():.4g}"
+    )
+    return 0
+
+
+def _cmd_client_review(args: argparse.Namespace, _settings: object) -> int:
+    from client.review import review_site
+
+    review = review_site(Path(args.state_dir), top=args.top)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "site": review.site,
+                    "method": review.method,
+                    "curvature": review.curvature,
+                    "records": review.records,
+                    "ranked": [
+                        {
+                            "rank": i + 1,
+                            "position": r.position,
+                            "label": r.label,
+                            "self_influence": r.self_influence,
+                            "loss": r.loss,
+                            "record": row,
+                        }
+                        for i, (r, row) in enumerate(zip(review.ranked, review.rows, strict=True))
+                    ],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    source = (
+        "the federation's released factors"
+        if review.curvature == "released"
+        else "this site's own records"
+    )
+    table = Table(
+        title=f"{review.site}: {len(review.ranked)} of {review.records} records by "
+        f"self-influence ({review.method}, curvature from {source})"
+    )
+    columns = [k for k in (review.rows[0] if review.rows else {}) if k != "row"][:6]
+    for col in ("rank", "row", "label", "self-influence", "loss", *columns):
+        table.add_column(col, justify="right" if col not in columns else "left")
+    for i, (r, row) in enumerate(zip(review.ranked, review.rows, strict=True)):
+        table.add_row(
+            str(i + 1),
+            str(row["row"]),
+            str(r.label),
+            f"{r.self_influence:.4g}",
+            f"{r.loss:.3g}",
+            *(str(row[c]) for c in columns),
+        )
+    console.print(table)
+    console.print(
+        "Records at the top shape their own predictions most: check their labels first. "
+        "This list stays on this machine."
     )
     return 0

@@ -14,7 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedlens.errors import ConfigurationError
 
-__all__ = ["RunConfig", "validation_message"]
+__all__ = ["INFLUENCE_KINDS", "RunConfig", "validation_message"]
+
+# Kinds that score training records with influence, and so need second-order factors
+# (or TracIn checkpoints) besides the model.
+INFLUENCE_KINDS = frozenset(
+    {
+        "group_influence",
+        "influence_prototypes",
+        "self_influence",
+        "site_contribution",
+        "loo_unfairness",
+    }
+)
 
 
 class RunConfig(BaseModel):
@@ -56,14 +68,38 @@ class RunConfig(BaseModel):
     # after dropouts down to the threshold and `secagg-colluding` sites colluding).
     secagg_noise: Literal["local", "distributed"] = Field("local", alias="secagg-noise")
     secagg_colluding: int = Field(0, ge=0, alias="secagg-colluding")
+    # Influence kinds (group_influence, influence_prototypes, self_influence,
+    # site_contribution, loo_unfairness): "auto" takes the exact Hessian for logistic
+    # models and K-FAC for MLPs, released in a round of their own first; "tracin" uses the
+    # global models of the training rounds instead. The query is a raw record as JSON
+    # ("" for the first record of the public test split).
+    influence_method: Literal["auto", "hessian", "kfac", "tracin"] = Field(
+        "auto", alias="influence-method"
+    )
+    influence_query: str = Field("", alias="influence-query")
+    influence_group_by: str = Field("label", alias="influence-group-by")
+    influence_k: int = Field(10, ge=1, le=10_000, alias="influence-k")
+    influence_clip: float = Field(10.0, gt=0, alias="influence-clip")
+    influence_damping: float = Field(0.01, gt=0, alias="influence-damping")
+    second_order_clip: float = Field(2.0, gt=0, alias="second-order-clip")
     aggregator: str = "127.0.0.1:50151"
     phase_timeout_s: float = Field(90.0, gt=0, alias="phase-timeout")
     out_dir: str = Field("", alias="out-dir")
 
     @property
+    def second_order_method(self) -> str:
+        """``hessian``, ``kfac`` or ``""`` (no second-order release: TracIn or no influence)."""
+        if self.explain_kind not in INFLUENCE_KINDS or self.influence_method == "tracin":
+            return ""
+        if self.influence_method == "auto":
+            return "hessian" if self.model == "logistic" else "kfac"
+        return self.influence_method
+
+    @property
     def releases(self) -> int:
-        """Explanation releases per run: the ServerApp runs one explanation round."""
-        return 1
+        """Explanation releases per run: the ServerApp runs one explanation round, after
+        a second-order round when the kind needs released factors."""
+        return 2 if self.second_order_method else 1
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:

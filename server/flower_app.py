@@ -18,8 +18,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -30,7 +39,7 @@ from fedlens import wire
 from fedlens.datasets import Preprocessor, load_dataset
 from fedlens.errors import ConfigurationError, DropoutError, FedlensError, ProtocolError
 from fedlens.models import build_model
-from fedlens.runconfig import RunConfig
+from fedlens.runconfig import INFLUENCE_KINDS, RunConfig
 from fedlens.status_codes import error_from_rpc
 from fedlens.types import RoundPhase, RoundSpec, RoundStatus, SiteLedger, default_threshold
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
@@ -41,6 +50,7 @@ from privacy import (
     encoded_sensitivity,
     wraparound_bits,
 )
+from server.influence_rounds import run_influence
 from server.polling_grid import PollingGrid
 
 __all__ = ["app", "explanation_round_spec", "run_explanation_round"]
@@ -148,13 +158,19 @@ def distributed_bits(run: RunConfig, codec: FixedPointCodec, num_sites: int, len
 
 
 def explanation_round_spec(
-    run: RunConfig, pre: Preprocessor, site_ids: Sequence[str], *, round_id: str
+    run: RunConfig,
+    pre: Preprocessor,
+    site_ids: Sequence[str],
+    *,
+    round_id: str,
+    extra_params: Mapping[str, str] | None = None,
 ) -> RoundSpec:
     """The round the coordinator opens for ``run.explain_kind`` over ``site_ids``.
 
     The kind names the coordinates of its sum from the public encoding
     (``coordinate_labels``), so ``labels`` and ``length = len(labels) + 1`` fit every
-    kind, whatever its number of coordinates per encoded column.
+    kind, whatever its number of coordinates per encoded column. ``extra_params`` (the
+    influence kinds' query, grouping and factors' provenance) are added to the round's.
 
     Raises
     ------
@@ -207,6 +223,7 @@ def explanation_round_spec(
             ).items()
             if k not in params
         }
+    params |= dict(extra_params or {})
     labels = get_kind(run.explain_kind).coordinate_labels(pre.encoded_names, pre.groups, params)
     bits = codec.bits
     if run.secagg_noise == "distributed":
@@ -235,13 +252,21 @@ def run_explanation_round(
     arrays: ArrayRecord,
     nodes: list[int],
     log: SiteLog,
+    extra_params: Mapping[str, str] | None = None,
+    public: Mapping[str, np.ndarray] | None = None,
 ) -> RoundStatus:
-    """Open a round at the aggregator, ask every site to contribute, await the release."""
+    """Open a round at the aggregator, ask every site to contribute, await the release.
+
+    ``public`` arrays (released factors, checkpoints) travel to every site beside the
+    model, as the message's ``public`` record.
+    """
     dataset = load_dataset(run.dataset, seed=run.seed)
     names = [log.names.get(n, f"node-{n}") for n in nodes]
     round_id = uuid.uuid4().hex
     try:
-        spec = explanation_round_spec(run, dataset.preprocessor, names, round_id=round_id)
+        spec = explanation_round_spec(
+            run, dataset.preprocessor, names, round_id=round_id, extra_params=extra_params
+        )
     except ConfigurationError as exc:
         logger.warning("explanation round not opened: %s", exc)
         return RoundStatus(
@@ -286,9 +311,17 @@ def run_explanation_round(
                 "colluding": spec.colluding,
             }
         )
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            "config": config,
+            "arrays": arrays,
+        }
+        if public:
+            records["public"] = ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in public.items()}
+            )
         messages = [
             Message(
-                content=RecordDict({"config": config, "arrays": arrays}),
+                content=RecordDict(records),
                 dst_node_id=node,
                 message_type="query.explain",
             )
@@ -384,9 +417,13 @@ def main(grid: Grid, context: Context) -> None:
     logger.info("%d sites connected; %d training rounds", len(nodes), run.rounds)
 
     history: list[dict[str, float]] = []
+    # The global model after each training round: TracIn's checkpoints.
+    checkpoints: list[dict[str, torch.Tensor]] = []
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
+        if server_round > 0:
+            checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
         accuracy, loss = evaluate(model, test.features, test.labels)
         history.append({"round": server_round, "accuracy": accuracy, "loss": loss})
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -413,7 +450,22 @@ def main(grid: Grid, context: Context) -> None:
         _write_summary(run, {"phase": "aborted", "reason": refusals, "refusals": log.refusals})
         raise ProtocolError(f"training failed at too many sites ({refusals})")
     model_id = publish_model(run, result.arrays)
-    status = run_explanation_round(grid, run, result.arrays, trained, log)
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    if run.explain_kind in INFLUENCE_KINDS:
+        names = [log.names.get(n, f"node-{n}") for n in trained]
+        statuses = run_influence(
+            run,
+            dataset,
+            model,
+            names,
+            checkpoints,
+            lambda r, extra, public: run_explanation_round(
+                grid, r, result.arrays, trained, log, extra, public
+            ),
+        )
+    else:
+        statuses = [run_explanation_round(grid, run, result.arrays, trained, log)]
+    status = statuses[-1]
     summary = {
         "accuracy": history[-1]["accuracy"] if history else None,
         "history": history,
@@ -421,6 +473,11 @@ def main(grid: Grid, context: Context) -> None:
         "phase": status.phase.value,
         "reason": status.reason,
         "release_id": status.release_id,
+        # Every round of the run, in order (a second-order round before an influence one).
+        "rounds": [
+            {"round_id": s.round_id, "phase": s.phase.value, "release_id": s.release_id}
+            for s in statuses
+        ],
         "model_id": model_id,
         "epsilon_total": log.epsilon_total,
         "refusals": log.refusals,

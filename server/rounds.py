@@ -454,5 +454,12 @@ _AUDIT_ACTIONS = {
 
 # Spec parameters worth keeping with a release (the rest are encodings for the post-processor).
 _PUBLIC_PARAMS = frozenset(
-    {"dataset", "delta", "epsilon", "model", "n_steps", "noise", "training_rounds"}
+    {
+        *("dataset", "delta", "epsilon", "model", "n_steps", "noise", "training_rounds"),
+        # Influence: the model the factors belong to, the question asked, and which
+        # released factors answered it.
+        *("model_fingerprint", "method", "query", "query_record", "group_by", "k"),
+        *("influence_clip", "damping", "second_order_release", "second_order_count"),
+        *("second_order_fingerprint", "bins", "suspicious"),
+    }
 )

@@ -18,7 +18,6 @@ import pytest
 from client.review import review_site
 from fedlens.datasets import load_dataset
 from fedlens.runconfig import RunConfig
-from fedlens.types import RoundPhase
 from server.aggregation import Aggregator, QueryHandler
 from server.deployment import LocalFederation, SiteSpec
 from server.grpc_server import serve

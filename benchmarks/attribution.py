@@ -18,7 +18,7 @@ coordinate), Gaussian noise of standard deviation
 ``gaussian_noise_multiplier(ε, δ) * l2_sensitivity(clip)`` drawn at the site (local
 noise: each site's release is (ε, δ)-DP on its own, δ = ``RunConfig().explain_delta``),
 clamping to the per-site range and fixed-point encoding with the codec
-``server.flower_app.explanation_round_spec`` picks, and pairwise masking against every
+``server.round_specs.explanation_round_spec`` picks, and pairwise masking against every
 other site of the round. ``ε = inf`` means clipping and encoding without noise: it
 isolates the bias that clipping alone introduces. The masked vectors are summed modulo
 ``2**bits`` and decoded, which is exactly what the aggregator decodes (the masks cancel
@@ -81,7 +81,7 @@ from fedlens.runconfig import RunConfig
 from privacy import FixedPointCodec, SeededRandom, gaussian_noise_multiplier
 from privacy.secagg_local import run_round
 from privacy.secagg_params import SecAggParams
-from server.flower_app import MAX_RECORDS_PER_SITE, PRECISION
+from server.round_specs import MAX_RECORDS_PER_SITE, PRECISION
 
 __all__ = [
     "Settings",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.attribution import deletion_curve, main, rank_agreement
-from server.flower_app import PRECISION
+from server.round_specs import PRECISION
 
 
 @pytest.fixture(scope="module")

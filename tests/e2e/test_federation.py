@@ -19,8 +19,8 @@ from fedlens.types import MaskedSubmission, RoundPhase, RoundStatus
 from privacy import FixedPointCodec
 from server.aggregation import Aggregator, QueryHandler
 from server.deployment import LocalFederation, SiteSpec
-from server.flower_app import MAX_RECORDS_PER_SITE
 from server.grpc_server import serve
+from server.round_specs import MAX_RECORDS_PER_SITE
 from server.storage import Store
 
 

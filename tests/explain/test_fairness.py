@@ -29,7 +29,7 @@ from fedlens.errors import ConfigurationError
 from fedlens.runconfig import RunConfig
 from fedlens.types import ReleasedValue
 from privacy import SeededRandom, gaussian_noise_multiplier
-from server.flower_app import explanation_round_spec
+from server.round_specs import explanation_round_spec
 
 KIND = get_kind("fairness")
 GROUP = {"group": ["A", "B"]}
@@ -337,7 +337,7 @@ def test_three_sites_release_fairness_through_secure_aggregation(
     from fedlens.types import RoundSpec
     from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
     from privacy import FixedPointCodec
-    from server.flower_app import MAX_RECORDS_PER_SITE, PRECISION
+    from server.round_specs import MAX_RECORDS_PER_SITE, PRECISION
 
     address = coordinator
     names = ("site-0", "site-1", "site-2")

@@ -361,7 +361,7 @@ def test_three_sites_release_the_pooled_statistics_through_secure_aggregation(
     from fedlens import wire
     from fedlens.runconfig import RunConfig
     from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
-    from server.flower_app import explanation_round_spec
+    from server.round_specs import explanation_round_spec
 
     _, address = coordinator
     sites = ("site-0", "site-1", "site-2")

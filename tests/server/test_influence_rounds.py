@@ -26,9 +26,9 @@ from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
 from fedlens.types import RoundPhase, RoundStatus
 from server.aggregation import Aggregator, QueryHandler
-from server.flower_app import explanation_round_spec
 from server.grpc_server import RunningServer, serve
 from server.influence_rounds import influence_params, run_influence, second_order_inputs
+from server.round_specs import explanation_round_spec
 from server.storage import Store
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

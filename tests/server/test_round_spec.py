@@ -11,7 +11,7 @@ from explain import get_kind
 from fedlens.datasets import load_dataset
 from fedlens.errors import ConfigurationError
 from fedlens.runconfig import RunConfig
-from server.flower_app import explanation_round_spec
+from server.round_specs import explanation_round_spec
 
 PRE = load_dataset("adult").preprocessor
 SITES = ("site-0", "site-1")
@@ -69,7 +69,7 @@ def test_distributed_noise_widens_the_modulus_for_the_shares() -> None:
         encoded_sensitivity,
         wraparound_bits,
     )
-    from server.flower_app import MAX_RECORDS_PER_SITE
+    from server.round_specs import MAX_RECORDS_PER_SITE
 
     local = explanation_round_spec(RunConfig(), PRE, SITES, round_id="r")
     run = RunConfig(secagg_noise="distributed", secagg_colluding=0)

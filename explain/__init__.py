@@ -16,10 +16,11 @@ from explain.registry import (
     l2_sensitivity,
     register_kind,
 )
-from explain.second_order_kinds import HESSIAN, KFAC
+from explain.second_order_kinds import EKFAC, HESSIAN, KFAC
 from explain.self_influence import SELF_INFLUENCE
 
 __all__ = [
+    "EKFAC",
     "FAIRNESS",
     "FEATURE_STATS",
     "GLOBAL_ATTRIBUTION",

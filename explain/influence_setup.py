@@ -4,7 +4,8 @@ Parameters the influence kinds share (all strings, as the wire carries them):
 
 ``method``
     ``hessian`` (the exact Gauss-Newton Hessian, logistic models), ``kfac`` (Kronecker
-    factors, MLPs) or ``tracin`` (first order, over training checkpoints).
+    factors, MLPs), ``ekfac`` (K-FAC with released eigenvalue corrections, the public
+    array ``ekfac``) or ``tracin`` (first order, over training checkpoints).
 ``second_order_fingerprint``, ``second_order_count``, ``damping``
     The released second-order factors' model (:func:`explain.second_order.model_fingerprint`),
     their noised record count ``N`` and the damping ``lambda``. The factors themselves,
@@ -53,7 +54,7 @@ __all__ = [
     "positive_number",
 ]
 
-METHODS = ("hessian", "kfac", "tracin")
+METHODS = ("hessian", "kfac", "ekfac", "tracin")
 DEFAULT_INFLUENCE_CLIP = 10.0
 WITHHELD = "(withheld)"
 
@@ -151,7 +152,12 @@ class InfluenceScorer:
         count = positive_number(params, "second_order_count", 1.0)
         damping = positive_number(params, "damping", 1e-3)
         mean = np.asarray(arrays["second_order"], dtype=np.float64)
-        second = SecondOrder.from_packed(model, method, mean * count, count, damping)
+        form = "kfac" if method == "ekfac" else method
+        second = SecondOrder.from_packed(model, form, mean * count, count, damping)
+        if method == "ekfac":
+            if "ekfac" not in arrays:
+                raise ExplanationError("the ekfac method needs released eigenvalue corrections")
+            second = second.corrected(np.asarray(arrays["ekfac"], dtype=np.float64))
         return cls(model, method, second=second)
 
     def prediction(

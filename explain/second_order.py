@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -48,7 +48,10 @@ from fedlens.errors import ExplanationError
 
 __all__ = [
     "MAX_HESSIAN_PARAMETERS",
+    "KroneckerBlock",
     "SecondOrder",
+    "ekfac_labels",
+    "ekfac_terms_sum",
     "hessian_labels",
     "hessian_terms_sum",
     "kfac_labels",
@@ -239,6 +242,60 @@ def kfac_terms_sum(
     return np.concatenate(parts), features.shape[0]
 
 
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """One Linear layer's curvature in its Kronecker eigenbasis.
+
+    ``basis_a`` ``(in + 1, in + 1)`` and ``basis_g`` ``(out, out)`` are the eigenvectors of
+    the mean factors; ``eigenvalues`` ``(out, in + 1)`` the curvature in that basis
+    (``outer(eig_G, eig_A)`` for K-FAC, measured per entry for EK-FAC).
+    """
+
+    basis_a: np.ndarray
+    basis_g: np.ndarray
+    eigenvalues: np.ndarray
+    weight: slice
+    bias: slice
+
+
+def ekfac_labels(model: nn.Module) -> tuple[str, ...]:
+    names: list[str] = []
+    for name, layer in linear_layers(model):
+        names += [
+            f"{name}/E[{i},{j}]"
+            for i in range(layer.out_features)
+            for j in range(layer.in_features + 1)
+        ]
+    return tuple(names)
+
+
+def ekfac_terms_sum(
+    model: nn.Module, features: np.ndarray, kfac: SecondOrder, clip_bound: float = math.inf
+) -> tuple[np.ndarray, int]:
+    """Sum over records of each layer's squared gradient in the K-FAC eigenbasis.
+
+    A record's layer gradient (Gauss-Newton form) is ``g a^T``; in the eigenbasis it is
+    ``(Q_G^T g)(Q_A^T a)^T``, so its entrywise square is the outer product of the squares
+    ``u = (Q_G^T g)^2`` and ``v = (Q_A^T a)^2``, with Frobenius norm ``||u|| ||v||``. The
+    record's whole term (every layer) is clipped to L2 norm ``C``.
+
+    Returns
+    -------
+    (numpy.ndarray, int)
+        ``(p,)`` float64 in :func:`ekfac_labels` order, and the number of records.
+    """
+    check_inputs(features, None, model_dimension(model))
+    stats = _layer_statistics(model, features)
+    squares = [
+        ((g @ block.basis_g) ** 2, (a @ block.basis_a) ** 2)
+        for (a, g), block in zip(stats, kfac.blocks, strict=True)
+    ]
+    norms_sq = sum(np.einsum("ij,ij->i", u, u) * np.einsum("ij,ij->i", v, v) for u, v in squares)
+    c = _clip_factors(np.sqrt(np.asarray(norms_sq)), clip_bound)
+    parts = [((u * c[:, None]).T @ v).reshape(-1) for u, v in squares]
+    return np.concatenate(parts), features.shape[0]
+
+
 @dataclass
 class SecondOrder:
     """Damped, PSD-projected mean curvature, ready to solve ``(H / N + lambda I) v = b``.
@@ -258,11 +315,10 @@ class SecondOrder:
     form: str
     count: float
     damping: float
-    # hessian: (eigenvalues, eigenvectors); kfac, per layer: (eigA, QA, eigG, QG, weight, bias)
+    # hessian: (eigenvalues, eigenvectors). kfac and ekfac, per layer: the eigenbases of
+    # A and G, the (out, in + 1) eigenvalues in that basis, the weight and bias slices.
     _eig: tuple[np.ndarray, np.ndarray] | None = None
-    _layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, slice, slice]] = field(
-        default_factory=list
-    )
+    _layers: list[KroneckerBlock] = field(default_factory=list)
 
     @classmethod
     def from_packed(
@@ -311,16 +367,45 @@ class SecondOrder:
             eig_a, q_a = _psd_eig(a)
             eig_g, q_g = _psd_eig(g)
             layers.append(
-                (
-                    eig_a,
+                KroneckerBlock(
                     q_a,
-                    eig_g,
                     q_g,
+                    np.outer(eig_g, eig_a),
                     layout.slice(f"{name}.weight"),
                     layout.slice(f"{name}.bias"),
                 )
             )
         return cls(form, count, damping, _layers=layers)
+
+    def corrected(self, eigenvalues: np.ndarray) -> SecondOrder:
+        """EK-FAC (George et al. 2018): the K-FAC eigenbases with the eigenvalues replaced by
+        the mean squared per-record gradients in those bases (:func:`ekfac_terms_sum`
+        divided by the record count), flattened layer by layer like the parameters.
+
+        Raises
+        ------
+        ExplanationError
+            This is not a K-FAC solver, or the eigenvalues do not fit it or are not finite.
+        """
+        if self.form != "kfac":
+            raise ExplanationError(f"only K-FAC factors can be corrected, not {self.form}")
+        values = np.asarray(eigenvalues, dtype=np.float64)
+        expected = sum(block.eigenvalues.size for block in self._layers)
+        if values.shape != (expected,) or not np.all(np.isfinite(values)):
+            raise ExplanationError(
+                f"EK-FAC needs {expected} finite eigenvalues, got shape {values.shape}"
+            )
+        blocks, at = [], 0
+        for block in self._layers:
+            size = block.eigenvalues.size
+            fixed = np.maximum(values[at : at + size].reshape(block.eigenvalues.shape), 0.0)
+            blocks.append(replace(block, eigenvalues=fixed))
+            at += size
+        return SecondOrder("ekfac", self.count, self.damping, _layers=blocks)
+
+    @property
+    def blocks(self) -> tuple[KroneckerBlock, ...]:
+        return tuple(self._layers)
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """``(H / N + lambda I)^{-1} rhs`` for ``rhs`` of shape ``(p,)`` or ``(p, k)``."""
@@ -333,14 +418,15 @@ class SecondOrder:
             out = vectors @ ((vectors.T @ b) / (values + self.damping)[:, None])
         else:
             out = np.empty_like(b)
-            for eig_a, q_a, eig_g, q_g, sw, sb in self._layers:
-                n_out, n_in = eig_g.size, eig_a.size - 1
+            for block in self._layers:
+                q_a, q_g, sw, sb = block.basis_a, block.basis_g, block.weight, block.bias
+                n_out, n_in = q_g.shape[0], q_a.shape[0] - 1
                 # Columns of rhs as the layer's (out, in + 1) weight-and-bias matrices.
                 v = np.concatenate(
                     [b[sw].reshape(n_out, n_in, -1), b[sb].reshape(n_out, 1, -1)], axis=1
                 )
                 rotated = np.einsum("og,oik,ij->gjk", q_g, v, q_a)
-                rotated /= (np.outer(eig_g, eig_a) + self.damping)[:, :, None]
+                rotated /= (block.eigenvalues + self.damping)[:, :, None]
                 back = np.einsum("og,gjk,ij->oik", q_g, rotated, q_a)
                 out[sw] = back[:, :n_in].reshape(n_out * n_in, -1)
                 out[sb] = back[:, n_in].reshape(n_out, -1)

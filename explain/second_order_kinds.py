@@ -1,4 +1,4 @@
-"""``hessian`` and ``kfac``: second-order factors summed across sites.
+"""``hessian``, ``kfac`` and ``ekfac``: second-order factors summed across sites.
 
 Each record contributes its packed Gauss-Newton term (``hessian``, the exact Hessian of
 a logistic model) or its packed K-FAC input and output-gradient outer products
@@ -12,6 +12,11 @@ DP by post-processing.
 Parameters: ``model`` (the model's registered name) and ``feature_names`` fix the
 coordinates; the coordinator adds ``model_fingerprint``, which the release keeps so that
 influence requests can be refused when the model has changed since.
+
+``ekfac`` needs released K-FAC factors (public arrays and parameters as for the
+influence kinds, :mod:`explain.influence_setup`) and sums each record's squared gradient
+in their eigenbasis (:func:`explain.second_order.ekfac_terms_sum`, George et al. 2018):
+the eigenvalue correction of EK-FAC.
 
 Released: the mean factor entries (``H[i,j]`` or ``<layer>/A[i,j]``,
 ``<layer>/G[i,j]``, in the packed scaling: off-diagonal entries times ``sqrt(2)``), each
@@ -27,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from torch import nn
 
+from explain.influence_setup import InfluenceScorer
 from explain.registry import (
     Contribution,
     ExplanationKind,
@@ -34,12 +40,19 @@ from explain.registry import (
     SiteContext,
     register_kind,
 )
-from explain.second_order import hessian_labels, hessian_terms_sum, kfac_labels, kfac_terms_sum
+from explain.second_order import (
+    ekfac_labels,
+    ekfac_terms_sum,
+    hessian_labels,
+    hessian_terms_sum,
+    kfac_labels,
+    kfac_terms_sum,
+)
 from fedlens.errors import ConfigurationError, ExplanationError
 from fedlens.models import build_model
 from fedlens.types import ReleasedValue
 
-__all__ = ["HESSIAN", "KFAC", "released_factors"]
+__all__ = ["EKFAC", "HESSIAN", "KFAC", "released_factors"]
 
 
 def _model_for(params: Mapping[str, str], dimension: int) -> nn.Module:
@@ -58,6 +71,17 @@ def _feature_count(params: Mapping[str, str], encoded_names: Sequence[str]) -> i
         raise ConfigurationError(f"second-order kinds need feature_names: {exc}") from None
 
 
+def _labels_of(
+    labels_of: Callable[[nn.Module], tuple[str, ...]],
+    params: Mapping[str, str],
+    encoded_names: Sequence[str],
+) -> tuple[str, ...]:
+    try:
+        return labels_of(_model_for(params, _feature_count(params, encoded_names)))
+    except ExplanationError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
 def _make(
     name: str,
     labels_of: Callable[[nn.Module], tuple[str, ...]],
@@ -67,10 +91,7 @@ def _make(
         encoded_names: Sequence[str], groups: Mapping[str, Sequence[int]], params: Mapping[str, str]
     ) -> tuple[str, ...]:
         del groups
-        try:
-            return labels_of(_model_for(params, _feature_count(params, encoded_names)))
-        except ExplanationError as exc:
-            raise ConfigurationError(str(exc)) from None
+        return _labels_of(labels_of, params, encoded_names)
 
     def contribute(
         model: nn.Module,
@@ -127,6 +148,41 @@ def _make(
 
 HESSIAN = _make("hessian", hessian_labels, hessian_terms_sum)
 KFAC = _make("kfac", kfac_labels, kfac_terms_sum)
+
+
+def _ekfac_contribute(
+    model: nn.Module,
+    features: np.ndarray,
+    labels: np.ndarray,
+    params: Mapping[str, str],
+    clip_bound: float,
+    /,
+    sensitive: Mapping[str, np.ndarray] | None = None,
+    context: SiteContext | None = None,
+) -> Contribution:
+    del labels, sensitive
+    if not math.isfinite(clip_bound) or clip_bound <= 0:
+        raise ConfigurationError(f"clip bound must be finite and > 0, got {clip_bound!r}")
+    scorer = InfluenceScorer.from_request(model, {**params, "method": "kfac"}, context)
+    assert scorer.second is not None  # the kfac method always carries its factors
+    packed, count = ekfac_terms_sum(
+        model, np.asarray(features, dtype=np.float64), scorer.second, clip_bound
+    )
+    return Contribution(
+        vector=np.concatenate([packed, [count * clip_bound]]),
+        count=count,
+        labels=ekfac_labels(model),
+    )
+
+
+EKFAC = register_kind(
+    ExplanationKind(
+        name="ekfac",
+        contribute=_ekfac_contribute,
+        postprocess=KFAC.postprocess,
+        coordinate_labels=lambda names, groups, params: _labels_of(ekfac_labels, params, names),
+    )
+)
 
 
 def released_factors(values: Sequence[ReleasedValue], labels: Sequence[str]) -> np.ndarray:

@@ -70,10 +70,11 @@ class RunConfig(BaseModel):
     secagg_colluding: int = Field(0, ge=0, alias="secagg-colluding")
     # Influence kinds (group_influence, influence_prototypes, self_influence,
     # site_contribution, loo_unfairness): "auto" takes the exact Hessian for logistic
-    # models and K-FAC for MLPs, released in a round of their own first; "tracin" uses the
-    # global models of the training rounds instead. The query is a raw record as JSON
+    # models and K-FAC for MLPs, released in a round of their own first ("ekfac" adds a
+    # round of eigenvalue corrections after the K-FAC one); "tracin" uses the global
+    # models of the training rounds instead. The query is a raw record as JSON
     # ("" for the first record of the public test split).
-    influence_method: Literal["auto", "hessian", "kfac", "tracin"] = Field(
+    influence_method: Literal["auto", "hessian", "kfac", "ekfac", "tracin"] = Field(
         "auto", alias="influence-method"
     )
     influence_query: str = Field("", alias="influence-query")
@@ -88,7 +89,8 @@ class RunConfig(BaseModel):
 
     @property
     def second_order_method(self) -> str:
-        """``hessian``, ``kfac`` or ``""`` (no second-order release: TracIn or no influence)."""
+        """``hessian``, ``kfac``, ``ekfac`` or ``""`` (no second-order release: TracIn or no
+        influence kind)."""
         if self.explain_kind not in INFLUENCE_KINDS or self.influence_method == "tracin":
             return ""
         if self.influence_method == "auto":
@@ -98,8 +100,8 @@ class RunConfig(BaseModel):
     @property
     def releases(self) -> int:
         """Explanation releases per run: the ServerApp runs one explanation round, after
-        a second-order round when the kind needs released factors."""
-        return 2 if self.second_order_method else 1
+        the second-order rounds the kind needs (one, or two for EK-FAC)."""
+        return {"": 1, "ekfac": 3}.get(self.second_order_method, 2)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:

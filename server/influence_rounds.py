@@ -26,7 +26,7 @@ from torch import nn
 from explain import get_kind
 from explain.local import RawValue, encode_record, validate_record
 from explain.per_record import per_record_gradients
-from explain.second_order import hessian_labels, kfac_labels, model_fingerprint
+from explain.second_order import ekfac_labels, hessian_labels, kfac_labels, model_fingerprint
 from explain.second_order_kinds import released_factors
 from fedlens.datasets import Dataset
 from fedlens.errors import ConfigurationError, ExplanationError
@@ -36,6 +36,7 @@ from fedlens.types import Release, RoundPhase, RoundStatus
 
 __all__ = [
     "InfluenceInputs",
+    "correction_inputs",
     "influence_params",
     "run_influence",
     "second_order_inputs",
@@ -137,6 +138,27 @@ def second_order_inputs(release: Release, model: nn.Module, damping: float) -> I
     return InfluenceInputs(params, {"second_order": released_factors(release.values, labels)})
 
 
+def correction_inputs(kfac: InfluenceInputs, release: Release, model: nn.Module) -> InfluenceInputs:
+    """K-FAC inputs with the released EK-FAC eigenvalue corrections added.
+
+    Raises
+    ------
+    ExplanationError
+        The release is not an ``ekfac`` one, is stale, or lacks coordinates.
+    """
+    if release.kind != "ekfac":
+        raise ExplanationError(f"release {release.release_id} is {release.kind}, not ekfac")
+    current = model_fingerprint(model)
+    if release.params.get("model_fingerprint", "") != current:
+        raise ExplanationError(
+            f"release {release.release_id} holds corrections for another model than {current}: "
+            "stale, release new factors first"
+        )
+    params = kfac.params | {"method": "ekfac", "ekfac_release": release.release_id}
+    arrays = kfac.arrays | {"ekfac": released_factors(release.values, ekfac_labels(model))}
+    return InfluenceInputs(params, arrays)
+
+
 def tracin_inputs(
     checkpoints: Sequence[Mapping[str, torch.Tensor]], rate: float
 ) -> InfluenceInputs:
@@ -191,23 +213,35 @@ def run_influence(
         return [_refused(f"refused before any site was asked: {exc}")]
     statuses: list[RoundStatus] = []
     method = run.second_order_method
-    if method:
+    inputs = tracin_inputs(checkpoints, run.learning_rate) if not method else None
+    # EK-FAC: the K-FAC factors first, then their eigenvalue corrections.
+    for kind in {"hessian": ["hessian"], "kfac": ["kfac"], "ekfac": ["kfac", "ekfac"]}.get(
+        method, []
+    ):
         second_run = run.model_copy(
-            update={"explain_kind": method, "attribution_clip": run.second_order_clip}
+            update={"explain_kind": kind, "attribution_clip": run.second_order_clip}
         )
-        status = explain_round(second_run, {"model_fingerprint": model_fingerprint(model)}, {})
+        extra = {"model_fingerprint": model_fingerprint(model)}
+        status = explain_round(
+            second_run,
+            extra | (inputs.params if inputs else {}),
+            inputs.arrays if inputs else {},
+        )
         statuses.append(status)
         if status.phase is not RoundPhase.COMPLETE:
-            return [*statuses, _failed(status, f"the {method} round did not complete")]
+            return [*statuses, _failed(status, f"the {kind} round did not complete")]
         with QueryClient(run.aggregator, timeout_s=60) as client:
             release = client.get_release(status.release_id)
         try:
-            inputs = second_order_inputs(release, model, run.influence_damping)
+            inputs = (
+                second_order_inputs(release, model, run.influence_damping)
+                if inputs is None
+                else correction_inputs(inputs, release, model)
+            )
         except ExplanationError as exc:
             return [*statuses, _refused(str(exc))]
-        logger.info("%s factors released as %s", method, release.release_id)
-    else:
-        inputs = tracin_inputs(checkpoints, run.learning_rate)
+        logger.info("%s factors released as %s", kind, release.release_id)
+    assert inputs is not None
     arrays = dict(inputs.arrays)
     if run.explain_kind == "site_contribution":
         arrays |= validation_inputs(model, dataset)

@@ -460,6 +460,6 @@ _PUBLIC_PARAMS = frozenset(
         # released factors answered it.
         *("model_fingerprint", "method", "query", "query_record", "group_by", "k"),
         *("influence_clip", "damping", "second_order_release", "second_order_count"),
-        *("second_order_fingerprint", "bins", "suspicious"),
+        *("second_order_fingerprint", "ekfac_release", "bins", "suspicious"),
     }
 )

@@ -27,7 +27,12 @@ from fedlens.runconfig import RunConfig
 from fedlens.types import RoundPhase, RoundStatus
 from server.aggregation import Aggregator, QueryHandler
 from server.grpc_server import RunningServer, serve
-from server.influence_rounds import influence_params, run_influence, second_order_inputs
+from server.influence_rounds import (
+    correction_inputs,
+    influence_params,
+    run_influence,
+    second_order_inputs,
+)
 from server.round_specs import explanation_round_spec
 from server.storage import Store
 
@@ -48,6 +53,19 @@ def _fit(features: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         model.linear.weight.copy_(torch.tensor(theta[None, :-1]))
         model.linear.bias.copy_(torch.tensor(theta[-1:]))
+    return model.state_dict()
+
+
+def _train_mlp(features: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
+    model = build_model("mlp", features.shape[1], seed=0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3)
+    x = torch.as_tensor(features, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.float32)
+    for _ in range(200):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).reshape(-1), y)
+        loss.backward()
+        optimiser.step()
     return model.state_dict()
 
 
@@ -78,7 +96,7 @@ class Federation:
         pre = self.dataset.preprocessor
         x = pre.transform(self.dataset.train).astype(np.float64)
         y = self.dataset.train[self.dataset.schema.label].to_numpy().astype(np.float64)
-        self.state = _fit(x, y)
+        self.state = _fit(x, y) if run.model == "logistic" else _train_mlp(x, y)
         self.model = build_model(run.model, pre.dimension)
         self.model.load_state_dict(self.state)
         self.opened: list[str] = []
@@ -248,3 +266,47 @@ def test_bad_requests_are_refused_before_any_site_is_asked(
     # Not even the Hessian round was opened: nobody spent anything.
     assert federation.opened == []
     assert federation.spent() == [0, 0, 0]
+
+
+def test_ekfac_runs_kfac_then_corrections_then_influence(tmp_path: Path) -> None:
+    run = RunConfig.model_validate(
+        {
+            "dataset": "breast_cancer",
+            "model": "mlp",
+            "num-sites": 3,
+            "explain-kind": "group_influence",
+            "explain-epsilon": 30.0,
+            "influence-method": "ekfac",
+            "influence-clip": 1000.0,
+        }
+    )
+    assert run.releases == 3
+    fed = Federation(tmp_path, run)
+    try:
+        statuses = fed.influence()
+    finally:
+        fed.server.stop(grace=None)
+    assert [s.phase for s in statuses] == [RoundPhase.COMPLETE] * 3, statuses
+    assert fed.opened == ["kfac", "ekfac", "group_influence"]
+    kfac, ekfac, release = (fed.store.get_release(s.release_id) for s in statuses)
+    assert release.params["method"] == "ekfac"
+    assert release.params["second_order_release"] == kfac.release_id
+    assert release.params["ekfac_release"] == ekfac.release_id
+    # The pooled computation with the same released factors and corrections.
+    inputs = correction_inputs(
+        second_order_inputs(kfac, fed.model, run.influence_damping), ekfac, fed.model
+    )
+    count = float(inputs.params["second_order_count"])
+    second = SecondOrder.from_packed(
+        fed.model, "kfac", inputs.arrays["second_order"] * count, count, run.influence_damping
+    ).corrected(inputs.arrays["ekfac"])
+    query = np.asarray(json.loads(release.params["query"]))[None, :]
+    total = 0.0
+    for site in fed.sites:
+        data = site.data()
+        x = data.features.astype(np.float64)
+        total += float(influence_on_predictions(fed.model, second, x, data.labels, query).sum())
+    values = {v.name: v for v in release.values}
+    got = values["label=0/influence"].value + values["label=1/influence"].value
+    std = np.hypot(values["label=0/influence"].noise_std, values["label=1/influence"].noise_std)
+    assert abs(got - total) <= 5 * std + 1e-9, (got, total, std)

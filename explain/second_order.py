@@ -34,6 +34,7 @@ the objective divided by ``N``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Sequence
@@ -146,10 +147,16 @@ def _curvature(logits: np.ndarray) -> np.ndarray:
     return np.asarray(p * (1.0 - p))
 
 
+def _float64(model: nn.Module) -> nn.Module:
+    """A float64 copy: float32 rounding in a batched matmul depends on the batch, and a
+    record's clipped term must depend on that record alone (the sensitivity argument)."""
+    return copy.deepcopy(model).double().eval()
+
+
 def _logits(model: nn.Module, features: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        out = model(torch.as_tensor(features, dtype=next(model.parameters()).dtype))
-    return np.asarray(out.detach().double().numpy().reshape(-1))
+        out = _float64(model)(torch.as_tensor(features, dtype=torch.float64))
+    return np.asarray(out.detach().numpy().reshape(-1))
 
 
 def hessian_terms_sum(
@@ -183,6 +190,7 @@ def _layer_statistics(
     model: nn.Module, features: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer: the inputs with a bias column ``(n, in + 1)`` and ``g`` ``(n, out)``."""
+    model = _float64(model)
     layers = linear_layers(model)
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -198,7 +206,7 @@ def _layer_statistics(
 
         hooks.append(layer.register_forward_hook(hook))
     try:
-        x = torch.as_tensor(features, dtype=next(model.parameters()).dtype)
+        x = torch.as_tensor(features, dtype=torch.float64)
         logits = model(x).reshape(-1)
         # Records are independent, so the gradient of the summed logits with respect to
         # a layer's outputs holds each record's own d f / d s in its row.
@@ -425,9 +433,9 @@ class SecondOrder:
                 v = np.concatenate(
                     [b[sw].reshape(n_out, n_in, -1), b[sb].reshape(n_out, 1, -1)], axis=1
                 )
-                rotated = np.einsum("og,oik,ij->gjk", q_g, v, q_a)
+                rotated = np.einsum("og,oik,ij->gjk", q_g, v, q_a, optimize=True)
                 rotated /= (block.eigenvalues + self.damping)[:, :, None]
-                back = np.einsum("og,gjk,ij->oik", q_g, rotated, q_a)
+                back = np.einsum("og,gjk,ij->oik", q_g, rotated, q_a, optimize=True)
                 out[sw] = back[:, :n_in].reshape(n_out * n_in, -1)
                 out[sb] = back[:, n_in].reshape(n_out, -1)
         return out[:, 0] if vec else out

@@ -265,15 +265,6 @@ def test_a_bound_above_every_norm_changes_nothing(form: str) -> None:
     assert not np.allclose(terms(model, x, 0.9 * largest)[0], unclipped, rtol=1e-6, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="explain/second_order.py: _logits (hessian_terms_sum's curvature h) and "
-    "_layer_statistics (the a and g of kfac_terms_sum and ekfac_terms_sum) run the model in "
-    "its own dtype on the whole batch, so with a float32 model a record's term depends on "
-    "which other records share the batch (float32 GEMM rounding changes with the batch "
-    "size): relative differences of 1e-10 to 1e-8, where the DP analysis needs each term to "
-    "be a function of its record alone",
-)
 @pytest.mark.parametrize("form", ["hessian", "kfac", "ekfac"])
 def test_a_float32_models_terms_do_not_depend_on_the_other_records(form: str) -> None:
     x = np.random.default_rng(13).uniform(0.0, 1.0, size=(64, 30))

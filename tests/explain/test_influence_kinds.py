@@ -388,15 +388,6 @@ def test_the_bound_holds_for_arbitrary_finite_records(name: str, method: str) ->
     assert move <= l2_sensitivity(clip) * (1 + 1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="explain/second_order.py computes the curvature (_logits, used by "
-    "hessian_terms_sum) and the Kronecker statistics (_layer_statistics, used by "
-    "kfac_terms_sum and ekfac_terms_sum) by running the model in its own dtype on the whole "
-    "batch; with a float32 model a record's term then depends on the other records in the "
-    "batch (float32 GEMM rounding varies with the batch size), so removing one record can "
-    "move the site's vector by more than sqrt(2) * C",
-)
 @pytest.mark.parametrize("name", SECOND_ORDER)
 def test_the_bound_holds_for_the_float32_model_a_site_holds(name: str) -> None:
     _, params, clip = sensitivity_setup(name, name)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedlens.errors import ConfigurationError
 
-__all__ = ["describe_target", "open_channel", "server_credentials"]
+__all__ = ["bearer_metadata", "describe_target", "open_channel", "server_credentials"]
 
 
 def open_channel(
@@ -45,6 +45,11 @@ def open_channel(
     roots = _read_pem_certificates(Path(tls_ca), "TLS CA certificate")
     credentials = grpc.ssl_channel_credentials(root_certificates=roots)
     return grpc.secure_channel(address, credentials, options=list(options))
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents ``token`` (none without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def describe_target(address: str, tls_ca: Path | None) -> str:

@@ -12,6 +12,7 @@
     fedlens client budget           a site's ledger: budget, spend history, what is left
     fedlens client review           a site's own records ranked by self-influence (stays local)
     fedlens keys identity|tls|enroll  site identity key, test certificates, enrolment
+    fedlens admin token issue|list|revoke  tokens bound to roles (admin, analyst, viewer)
 
 Only this module configures logging, and it imports the ``server`` and ``client``
 layers lazily, inside the commands that need them.
@@ -35,6 +36,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from fedlens.cli_admin import add_admin_commands
 from fedlens.cli_keys import add_key_commands
 from fedlens.cli_privacy import add_privacy_commands
 from fedlens.errors import ConfigurationError, FedlensError
@@ -57,6 +59,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
+    from server.access import AccessControl
     from server.aggregation import Aggregator, QueryHandler
     from server.grpc_server import serve
     from server.identities import IdentityRegistry
@@ -68,6 +71,7 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigurationError("--tls-cert and --tls-key go together")
     store = Store(args.database_url or settings.database_url)
     enrolment = args.enrolment or settings.enrolment
+    auth = args.auth or settings.auth
     aggregator = Aggregator(store, identities=IdentityRegistry(store), enrolment=enrolment)
     running = serve(
         aggregator,
@@ -75,10 +79,12 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
         address=args.address,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        access=AccessControl(store) if auth == "token" else None,
     )
     console.print(
         f"fedlens server on port {running.port} ({'TLS' if running.tls else 'plaintext'}), "
-        f"store {store.url}, {enrolment} enrolment (Ctrl-C stops)"
+        f"store {store.url}, {enrolment} enrolment, "
+        f"{'tokens required' if auth == 'token' else 'NO access control'} (Ctrl-C stops)"
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -108,11 +114,19 @@ def _cost_table(release: Release) -> Table:
     return table
 
 
+def _token(args: argparse.Namespace, settings: Settings) -> str | None:
+    if args.token:
+        return str(args.token)
+    return settings.token.get_secret_value() if settings.token else None
+
+
 def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from fedlens.query_client import QueryClient
 
     with QueryClient(
-        args.address or settings.aggregator_address, tls_ca=args.tls_ca or settings.tls_ca
+        args.address or settings.aggregator_address,
+        tls_ca=args.tls_ca or settings.tls_ca,
+        token=_token(args, settings),
     ) as client:
         if args.query_command == "budgets":
             ledgers = client.list_budgets(site_id=args.site)
@@ -195,7 +209,9 @@ def _cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
 
     record = _read_record(args.input)
     with QueryClient(
-        args.address or settings.aggregator_address, tls_ca=args.tls_ca or settings.tls_ca
+        args.address or settings.aggregator_address,
+        tls_ca=args.tls_ca or settings.tls_ca,
+        token=_token(args, settings),
     ) as client:
         result = client.explain_input(record, model_id=args.model_id, top=args.top)
     if args.json:
@@ -280,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="admit site identities on first use, or only enrolled ones "
         "(default: FEDLENS_ENROLMENT, else first-use)",
     )
+    server.add_argument(
+        "--auth",
+        choices=("token", "off"),
+        default="",
+        help="require a token for analyst and coordinator calls, or leave every call open "
+        "(default: FEDLENS_AUTH, else token)",
+    )
     server.set_defaults(func=_cmd_server)
 
     query = sub.add_parser("query", help="read releases through the Query service")
@@ -290,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument(
         "--tls-ca", type=Path, help="CA certificate of the server's TLS (default: FEDLENS_TLS_CA)"
+    )
+    common.add_argument(
+        "--token", default="", help="your token (default: FEDLENS_TOKEN); see fedlens admin token"
     )
     qsub = query.add_subparsers(dest="query_command", required=True)
     releases = qsub.add_parser("releases", parents=[common], help="list releases, newest first")
@@ -317,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(func=_cmd_explain)
     add_privacy_commands(sub)
     add_key_commands(sub)
+    add_admin_commands(sub)
     return parser
 
 

@@ -13,6 +13,9 @@
     │   ├── StaleRoundError       the round is closed or in another phase
     │   ├── AuthenticationError   the caller's identity is unknown or does not match
     │   └── DropoutError          too few sites remain to finish the round
+    ├── AccessError
+    │   ├── PermissionDeniedError  the caller's role does not allow the call
+    │   └── RateLimitedError      the caller sent more calls than its rate allows
     ├── ExplanationError          an explanation cannot be computed for this input
     ├── DatasetError              a dataset or partition request is invalid
     └── StorageError
@@ -25,6 +28,7 @@ The transports map each class to one gRPC status code in a single table
 from __future__ import annotations
 
 __all__ = [
+    "AccessError",
     "AuthenticationError",
     "BudgetExceededError",
     "ConfigurationError",
@@ -35,8 +39,10 @@ __all__ = [
     "FedlensError",
     "IntegrityError",
     "NotFoundError",
+    "PermissionDeniedError",
     "PrivacyError",
     "ProtocolError",
+    "RateLimitedError",
     "StaleRoundError",
     "StorageError",
     "UnknownRoundError",
@@ -85,6 +91,18 @@ class AuthenticationError(ProtocolError):
 
 class DropoutError(ProtocolError):
     """Too few sites remain for the round to finish; nothing is revealed."""
+
+
+class AccessError(FedlensError):
+    """An authenticated caller may not make this call now."""
+
+
+class PermissionDeniedError(AccessError):
+    """The caller's role does not allow the call."""
+
+
+class RateLimitedError(AccessError):
+    """The caller sent more calls than its rate limit allows; it may retry later."""
 
 
 class ExplanationError(FedlensError):

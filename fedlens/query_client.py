@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fedlens import wire
-from fedlens.channels import describe_target, open_channel
+from fedlens.channels import bearer_metadata, describe_target, open_channel
 from fedlens.status_codes import error_from_rpc
 from fedlens.types import InputExplanation, Release, ReleaseSummary, SiteLedger
 from fedlens.v1 import query_pb2, query_pb2_grpc
@@ -30,15 +30,24 @@ class QueryClient:
         Deadline of every call.
     tls_ca
         The CA certificate (PEM) of the server's TLS certificate; plaintext without it.
+    token
+        The caller's token (``fedlens admin token issue``), sent with every call; a
+        coordinator that checks tokens refuses calls without one.
     """
 
     def __init__(
-        self, address: str, *, timeout_s: float = 10.0, tls_ca: Path | None = None
+        self,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        tls_ca: Path | None = None,
+        token: str | None = None,
     ) -> None:
         self._address = describe_target(address, tls_ca)
         self._channel = open_channel(address, tls_ca=tls_ca)
         self._stub = query_pb2_grpc.QueryStub(self._channel)
         self._timeout = timeout_s
+        self._metadata = bearer_metadata(token)
 
     def close(self) -> None:
         self._channel.close()
@@ -83,6 +92,6 @@ class QueryClient:
 
     def _call(self, method: Callable[..., _Reply], request: Any) -> _Reply:
         try:
-            return method(request, timeout=self._timeout)
+            return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self._address) from None

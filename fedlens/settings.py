@@ -10,14 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
 
 
 class Settings(BaseSettings):
-    """``FEDLENS_DATABASE_URL``, ``FEDLENS_AGGREGATOR_ADDRESS`` and the TLS files.
+    """``FEDLENS_DATABASE_URL``, ``FEDLENS_AGGREGATOR_ADDRESS``, the TLS files and tokens.
+
+    ``FEDLENS_AUTH`` (``token`` or ``off``) says whether the coordinator checks tokens;
+    ``FEDLENS_TOKEN`` is the token a client presents.
 
     ``FEDLENS_ENROLMENT`` (``first-use`` or ``strict``) says how the coordinator admits
     site identity keys. ``FEDLENS_TLS_CERT`` and ``FEDLENS_TLS_KEY`` are the
@@ -35,8 +38,13 @@ class Settings(BaseSettings):
     # "first-use": a site's first signed key advertisement enrols its identity key;
     # "strict": only sites an admin enrolled (`fedlens keys enroll`) may take part.
     enrolment: Literal["first-use", "strict"] = "first-use"
+    # "token": every analyst and coordinator call needs a token (`fedlens admin token`);
+    # "off": every call is open (a coordinator on loopback for one user).
+    auth: Literal["token", "off"] = "token"
+    # The token this process presents (analysts' CLI, the coordinator's ServerApp).
+    token: SecretStr | None = None
 
-    @field_validator("tls_cert", "tls_key", "tls_ca", mode="before")
+    @field_validator("tls_cert", "tls_key", "tls_ca", "token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

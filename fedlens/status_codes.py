@@ -14,6 +14,8 @@ __all__ = ["STATUS_CODES", "error_from_rpc", "status_code_for"]
 
 STATUS_CODES: tuple[tuple[type[errors.FedlensError], grpc.StatusCode], ...] = (
     (errors.BudgetExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.PrivacyError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DuplicateSubmissionError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.UnknownRoundError, grpc.StatusCode.NOT_FOUND),
@@ -38,6 +40,7 @@ _CLIENT_ERRORS: dict[grpc.StatusCode, type[errors.FedlensError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.StaleRoundError,
     grpc.StatusCode.ABORTED: errors.DropoutError,
     grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
     grpc.StatusCode.INVALID_ARGUMENT: errors.IntegrityError,
 }
 

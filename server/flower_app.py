@@ -35,10 +35,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from client.training import evaluate
 from fedlens import wire
+from fedlens.channels import bearer_metadata
 from fedlens.datasets import load_dataset
 from fedlens.errors import ConfigurationError, DropoutError, FedlensError, ProtocolError
 from fedlens.models import build_model
 from fedlens.runconfig import INFLUENCE_KINDS, RunConfig
+from fedlens.settings import Settings
 from fedlens.status_codes import error_from_rpc
 from fedlens.types import RoundPhase, RoundStatus, SiteLedger
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc
@@ -97,6 +99,13 @@ class TrackingFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
+def coordinator_metadata() -> tuple[tuple[str, str], ...]:
+    """The coordinator's token (``FEDLENS_TOKEN`` in the ServerApp's environment, never in
+    the run configuration, which every site receives), as call metadata."""
+    token = Settings().token
+    return bearer_metadata(token.get_secret_value() if token else None)
+
+
 def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -153,7 +162,10 @@ def run_explanation_round(
         stub = aggregation_pb2_grpc.AggregationStub(channel)
         report_ledgers(stub, log)
         try:
-            stub.OpenRound(aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec)))
+            stub.OpenRound(
+                aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec)),
+                metadata=coordinator_metadata(),
+            )
         except grpc.RpcError as exc:
             error = error_from_rpc(exc, run.aggregator)
             logger.warning("explanation round refused by the coordinator: %s", error)
@@ -245,7 +257,7 @@ def publish_model(run: RunConfig, arrays: ArrayRecord) -> str:
     with grpc.insecure_channel(run.aggregator) as channel:
         stub = aggregation_pb2_grpc.AggregationStub(channel)
         try:
-            reply = stub.PublishModel(request, timeout=60)
+            reply = stub.PublishModel(request, timeout=60, metadata=coordinator_metadata())
         except grpc.RpcError as exc:
             logger.warning("coordinator refused the trained model: %s", exc.details())
             return ""
@@ -266,6 +278,7 @@ def report_ledgers(stub: aggregation_pb2_grpc.AggregationStub, log: SiteLog) -> 
             stub.ReportLedger(
                 aggregation_pb2.ReportLedgerRequest(ledger=wire.site_ledger_to_proto(ledger)),
                 timeout=30,
+                metadata=coordinator_metadata(),
             )
         except (ValueError, FedlensError) as exc:
             logger.warning("ledger snapshot of %s is malformed: %s", name, exc)

@@ -20,6 +20,7 @@ from fedlens import wire
 from fedlens.channels import server_credentials
 from fedlens.errors import ConfigurationError
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
+from server.access import AccessControl, AccessInterceptor
 from server.aggregation import Aggregator, QueryHandler
 from server.errors import ErrorMappingInterceptor
 
@@ -196,6 +197,7 @@ def serve(
     max_workers: int = 8,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    access: AccessControl | None = None,
 ) -> RunningServer:
     """Start the gRPC server on ``address`` (port 0 picks a free port) and return it.
 
@@ -203,6 +205,9 @@ def serve(
     PEM private key) the port speaks TLS only; clients need the CA that signed the chain
     (:func:`fedlens.channels.open_channel`). Without them it is plaintext: bind it to
     loopback or a trusted network.
+
+    With ``access`` every call is checked against its tokens and roles
+    (:mod:`server.access`); without it every call is open, as for a test harness.
 
     Raises
     ------
@@ -217,7 +222,10 @@ def serve(
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedlens-grpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[
+            ErrorMappingInterceptor(),
+            *([AccessInterceptor(access)] if access is not None else []),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # Without BDP probing the HTTP/2 windows stay small, so requests waiting for

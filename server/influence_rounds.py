@@ -32,6 +32,7 @@ from fedlens.datasets import Dataset
 from fedlens.errors import ConfigurationError, ExplanationError
 from fedlens.query_client import QueryClient
 from fedlens.runconfig import RunConfig
+from fedlens.settings import Settings
 from fedlens.types import Release, RoundPhase, RoundStatus
 
 __all__ = [
@@ -230,7 +231,10 @@ def run_influence(
         statuses.append(status)
         if status.phase is not RoundPhase.COMPLETE:
             return [*statuses, _failed(status, f"the {kind} round did not complete")]
-        with QueryClient(run.aggregator, timeout_s=60) as client:
+        token = Settings().token
+        with QueryClient(
+            run.aggregator, timeout_s=60, token=token.get_secret_value() if token else None
+        ) as client:
             release = client.get_release(status.release_id)
         try:
             inputs = (

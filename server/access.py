@@ -1,0 +1,328 @@
+"""Who may call what: analyst tokens bound to roles, checked for every call in one interceptor.
+
+Roles, each allowing what the one below it does:
+
+- ``viewer``: read releases and budgets, explain an input with the stored model;
+- ``analyst``: also submit jobs (explanation rounds);
+- ``admin``: also open rounds, publish models and report ledgers (the coordinator's own
+  ServerApp holds an admin token), and manage tokens.
+
+Sites do not hold tokens: the secure-aggregation calls are open, and each message is
+authenticated by the protocol itself (Ed25519-signed key advertisements from enrolled
+identities, sealed shares bound to both parties). Health and reflection are open.
+
+A token is ``fl_<id>_<secret>`` with a 256-bit random secret; the store keeps its id, role
+and the SHA-256 of the secret (a fast hash suffices for a secret of full entropy), and
+compares in constant time. A token is shown once, when it is issued. Every refusal —
+unknown or revoked token, a role below the call's, a caller over its rate — is written to
+the audit log with the method and the caller, never the token.
+
+Rate limits are per token: a bucket of ``burst`` calls refilled at ``rate`` calls per
+second (the clock is a parameter, so tests need no sleeping).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from sqlalchemy import DateTime, LargeBinary, String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from fedlens.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    FedlensError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+)
+from fedlens.status_codes import status_code_for
+from server.storage import Store
+
+__all__ = [
+    "METHOD_ROLES",
+    "AccessControl",
+    "AccessInterceptor",
+    "Principal",
+    "Role",
+    "current_principal",
+]
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "fl_"
+
+
+class Role(enum.IntEnum):
+    VIEWER = 1
+    ANALYST = 2
+    ADMIN = 3
+
+    @classmethod
+    def parse(cls, name: str) -> Role:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ConfigurationError(
+                f"unknown role {name!r}; expected admin, analyst or viewer"
+            ) from None
+
+
+_QUERY = "/fedlens.v1.Query/"
+_AGGREGATION = "/fedlens.v1.Aggregation/"
+
+# The least role each method needs; None: open (sites, authenticated by the protocol).
+# A Query method missing here needs admin: new calls are closed until listed.
+METHOD_ROLES: dict[str, Role | None] = {
+    _QUERY + "ListReleases": Role.VIEWER,
+    _QUERY + "GetRelease": Role.VIEWER,
+    _QUERY + "ListBudgets": Role.VIEWER,
+    _QUERY + "ExplainInput": Role.VIEWER,
+    _AGGREGATION + "OpenRound": Role.ADMIN,
+    _AGGREGATION + "PublishModel": Role.ADMIN,
+    _AGGREGATION + "ReportLedger": Role.ADMIN,
+    **{
+        _AGGREGATION + name: None
+        for name in (
+            "AdvertiseKeys",
+            "GetPeerKeys",
+            "ShareKeys",
+            "GetShares",
+            "SubmitMasked",
+            "GetUnmaskRequest",
+            "Unmask",
+            "GetRoundStatus",
+            "DeclineRound",
+        )
+    },
+}
+
+
+def required_role(method: str) -> Role | None:
+    """The least role ``method`` needs, or None if it is open."""
+    if method in METHOD_ROLES:
+        return METHOD_ROLES[method]
+    if method.startswith((_QUERY, _AGGREGATION)):
+        return Role.ADMIN
+    return None  # health, reflection
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    token_id: str
+    name: str
+    role: Role
+
+
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "fedlens_principal", default=None
+)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _TokenRow(_Base):
+    __tablename__ = "access_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class AccessControl:
+    """Tokens in the coordinator's database, and the per-token rate limits.
+
+    Parameters
+    ----------
+    store
+        The coordinator's store; the ``access_tokens`` table is created on its engine and
+        refusals go to its audit log.
+    rate, burst
+        Calls per second each token may make on average, and in a burst.
+    clock
+        Monotonic seconds, for the rate limits.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        rate: float = 50.0,
+        burst: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not rate > 0 or burst < 1:
+            raise ConfigurationError(f"rate must be > 0 and burst >= 1, got {rate}, {burst}")
+        self._store = store
+        self._rate, self._burst, self._clock = rate, burst, clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+        store.create_tables(_Base.metadata, "access_tokens table")
+
+    def issue(self, name: str, role: Role, *, now: datetime) -> tuple[Principal, str]:
+        """A new token for ``name`` with ``role``; the token itself is returned only here."""
+        if not name or len(name) > 128 or not name.isprintable():
+            raise ConfigurationError(f"a token's name must be 1-128 printable characters: {name!r}")
+        token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        with self._store.session() as s:
+            s.add(
+                _TokenRow(
+                    token_id=token_id,
+                    name=name,
+                    role=role.name.lower(),
+                    secret_hash=_hash(secret),
+                    created_at=now,
+                    revoked_at=None,
+                )
+            )
+        self._audit(
+            now, "admin", "issue_token", "ok", f"{token_id} for {name} as {role.name.lower()}"
+        )
+        return Principal(token_id, name, role), f"{_PREFIX}{token_id}_{secret}"
+
+    def revoke(self, token_id: str, *, now: datetime) -> Principal:
+        with self._store.session() as s:
+            row = s.get(_TokenRow, token_id)
+            if row is None:
+                raise NotFoundError(f"no token {token_id!r}")
+            row.revoked_at = row.revoked_at or now
+            principal = Principal(row.token_id, row.name, Role.parse(row.role))
+        self._audit(now, "admin", "revoke_token", "ok", token_id)
+        return principal
+
+    def tokens(self) -> list[tuple[Principal, datetime, datetime | None]]:
+        """Every token: who holds it, when it was issued and revoked (never the secret)."""
+        with self._store.session() as s:
+            rows = s.scalars(select(_TokenRow).order_by(_TokenRow.created_at)).all()
+            return [
+                (Principal(r.token_id, r.name, Role.parse(r.role)), r.created_at, r.revoked_at)
+                for r in rows
+            ]
+
+    def authenticate(self, token: str) -> Principal:
+        """The holder of ``token``; AuthenticationError for a malformed, unknown or revoked one."""
+        if not token.startswith(_PREFIX) or token.count("_") < 2:
+            raise AuthenticationError("malformed token: expected fl_<id>_<secret>")
+        token_id, _, secret = token[len(_PREFIX) :].partition("_")
+        with self._store.session() as s:
+            row = s.get(_TokenRow, token_id)
+            stored = row.secret_hash if row is not None else _hash("")
+            valid = hmac.compare_digest(stored, _hash(secret)) and row is not None
+            if not valid or row is None:
+                raise AuthenticationError("unknown token")
+            if row.revoked_at is not None:
+                raise AuthenticationError(f"token {token_id} was revoked")
+            return Principal(row.token_id, row.name, Role.parse(row.role))
+
+    def admit(self, principal: Principal, method: str, needed: Role) -> None:
+        """Refuse a role below ``needed`` or a caller over its rate."""
+        if principal.role < needed:
+            raise PermissionDeniedError(
+                f"{principal.name} is a {principal.role.name.lower()}; "
+                f"{method.rsplit('/', 1)[-1]} needs {needed.name.lower()}"
+            )
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.setdefault(principal.token_id, _Bucket(self._burst, now))
+            bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
+            bucket.at = now
+            if bucket.tokens < 1:
+                raise RateLimitedError(
+                    f"{principal.name} is over its rate limit of {self._rate:g} calls/s; "
+                    "retry later"
+                )
+            bucket.tokens -= 1
+
+    def refused(self, method: str, actor: str, exc: FedlensError) -> None:
+        self._audit(
+            datetime.now(UTC), actor, "access_refused", type(exc).__name__, f"{method}: {exc}"
+        )
+
+    def _audit(self, now: datetime, actor: str, action: str, outcome: str, detail: str) -> None:
+        try:
+            with self._store.transaction() as conn:
+                self._store.add_audit(
+                    conn, now=now, actor=actor, action=action, outcome=outcome, detail=detail
+                )
+        except FedlensError:  # pragma: no cover - the refusal stands even if auditing fails
+            logger.exception("could not audit %s", action)
+
+
+def _bearer(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+            raise AuthenticationError("the authorization header must be 'Bearer <token>'")
+    raise AuthenticationError("this call needs a token (authorization: Bearer <token>)")
+
+
+class AccessInterceptor(grpc.ServerInterceptor):
+    """Checks every call's token and role before its handler runs."""
+
+    def __init__(self, access: AccessControl) -> None:
+        self._access = access
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        needed = required_role(method)
+        if handler is None or handler.unary_unary is None or needed is None:
+            return handler
+        inner = handler.unary_unary
+        access = self._access
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            actor = "anonymous"
+            try:
+                principal = access.authenticate(_bearer(context))
+                actor = f"{principal.name} ({principal.token_id})"
+                access.admit(principal, method, needed)
+            except FedlensError as exc:
+                access.refused(method, actor, exc)
+                context.abort(status_code_for(exc), str(exc))
+            reset = current_principal.set(principal)
+            try:
+                return inner(request, context)
+            finally:
+                current_principal.reset(reset)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

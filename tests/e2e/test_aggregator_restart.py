@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.secagg_client import AggregationClient, SiteInput, run_secure_round
 from fedlens import wire
+from fedlens.channels import bearer_metadata
 from fedlens.errors import FedlensError, ProtocolError, StaleRoundError
 from fedlens.secagg_types import RevealedShare
 from fedlens.types import PrivacyCost, Release, RoundPhase, RoundSpec, RoundStatus
@@ -43,6 +45,8 @@ from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_p
 from privacy import FixedPointCodec, SeededRandom
 from privacy.secagg_params import SecAggParams
 from privacy.secagg_site import SiteSession
+from server.access import AccessControl, Role
+from server.storage import Store
 from tests.secagg_spec import CLIP, LABELS, attribution_round
 
 SITES = ("site-a", "site-b", "site-c", "site-d")
@@ -104,6 +108,8 @@ class Deployment:
     aggregator: AggregatorProcess
     database: Path
     channel: grpc.Channel
+    # The coordinator's admin token: the server checks tokens, as `fedlens server` does.
+    metadata: tuple[tuple[str, str], ...] = ()
 
     @property
     def address(self) -> str:
@@ -130,12 +136,18 @@ class Deployment:
 
     def release(self, release_id: str) -> Release:
         query = query_pb2_grpc.QueryStub(self.channel)
-        reply = query.GetRelease(query_pb2.GetReleaseRequest(release_id=release_id), timeout=WAIT_S)
+        reply = query.GetRelease(
+            query_pb2.GetReleaseRequest(release_id=release_id),
+            timeout=WAIT_S,
+            metadata=self.metadata,
+        )
         return wire.release_from_proto(reply)
 
     def release_ids(self) -> list[str]:
         query = query_pb2_grpc.QueryStub(self.channel)
-        reply = query.ListReleases(query_pb2.ListReleasesRequest(), timeout=WAIT_S)
+        reply = query.ListReleases(
+            query_pb2.ListReleasesRequest(), timeout=WAIT_S, metadata=self.metadata
+        )
         return [r.release_id for r in reply.releases]
 
     def rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
@@ -147,11 +159,14 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     database = tmp_path / "fedlens.db"
+    store = Store(f"sqlite:///{database}")
+    _, token = AccessControl(store).issue("coordinator", Role.ADMIN, now=datetime.now(UTC))
+    store.close()
     aggregator = AggregatorProcess(f"127.0.0.1:{_free_port()}", f"sqlite:///{database}")
     aggregator.start()
     channel = grpc.insecure_channel(aggregator.address)
     try:
-        yield Deployment(aggregator, database, channel)
+        yield Deployment(aggregator, database, channel, bearer_metadata(token))
     finally:
         channel.close()
         aggregator.stop()
@@ -163,7 +178,9 @@ def round_spec(round_id: str, *, phase_timeout_s: float) -> RoundSpec:
 
 def open_round(deployment: Deployment, spec: RoundSpec) -> None:
     deployment.aggregation.OpenRound(
-        aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec)), timeout=WAIT_S
+        aggregation_pb2.OpenRoundRequest(spec=wire.round_spec_to_proto(spec)),
+        timeout=WAIT_S,
+        metadata=deployment.metadata,
     )
 
 

@@ -1,5 +1,6 @@
-"""The commands a newcomer types: ``fedlens demo``, then ``fedlens server`` and
-``fedlens query`` reading the stored release back through the gRPC Query service."""
+"""The commands a newcomer types: ``fedlens demo``, then ``fedlens server``, a token from
+``fedlens admin token``, and ``fedlens query`` reading the stored release back through the
+gRPC Query service."""
 
 from __future__ import annotations
 
@@ -15,9 +16,18 @@ from server.deployment import free_port
 FEDLENS = [sys.executable, "-m", "fedlens.cli"]
 
 
-def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path, timeout: float = 60, token: str = ""
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "FEDLENS_TOKEN"}
     return subprocess.run(
-        [*FEDLENS, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        [*FEDLENS, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**env, "FEDLENS_TOKEN": token} if token else env,
     )
 
 
@@ -41,6 +51,22 @@ def test_demo_then_query_through_the_server(tmp_path: Path) -> None:
     database = f"sqlite:///{tmp_path / 'work' / 'fedlens.db'}"
     assert database in demo.stdout.replace("\n", "")
 
+    issued = run(
+        "admin",
+        "token",
+        "issue",
+        "--name",
+        "ana",
+        "--role",
+        "viewer",
+        "--json",
+        "--database-url",
+        database,
+        cwd=tmp_path,
+    )
+    assert issued.returncode == 0, issued.stderr
+    token = json.loads(issued.stdout)["token"]
+
     port = free_port()
     server = subprocess.Popen(
         [*FEDLENS, "server", "--address", f"127.0.0.1:{port}", "--database-url", database],
@@ -52,14 +78,17 @@ def test_demo_then_query_through_the_server(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 30
+        address = ("--address", f"127.0.0.1:{port}")
         while True:
-            listed = run(
-                "query", "releases", "--json", "--address", f"127.0.0.1:{port}", cwd=tmp_path
-            )
+            listed = run("query", "releases", "--json", *address, cwd=tmp_path, token=token)
             if listed.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
         assert listed.returncode == 0, listed.stderr
+        # The server checks tokens by default: without one, nothing is read.
+        anonymous = run("query", "releases", *address, cwd=tmp_path)
+        assert anonymous.returncode == 2
+        assert "needs a token" in anonymous.stderr
         releases = json.loads(listed.stdout)
         assert len(releases) == 1
         assert releases[0]["kind"] == "global_attribution"
@@ -73,6 +102,7 @@ def test_demo_then_query_through_the_server(tmp_path: Path) -> None:
             "--address",
             f"127.0.0.1:{port}",
             cwd=tmp_path,
+            token=token,
         )
         assert shown.returncode == 0, shown.stderr
         release = json.loads(shown.stdout)
@@ -86,18 +116,19 @@ def test_demo_then_query_through_the_server(tmp_path: Path) -> None:
             "--address",
             f"127.0.0.1:{port}",
             cwd=tmp_path,
+            token=token,
         )
         assert text.returncode == 0, text.stderr
         assert "carries privacy noise with standard deviation about" in " ".join(
             text.stdout.split()
         )
-        budgets = run("query", "budgets", "--json", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+        budgets = run("query", "budgets", "--json", *address, cwd=tmp_path, token=token)
         assert budgets.returncode == 0, budgets.stderr
         mirrored = json.loads(budgets.stdout)
         assert sorted(b["site_id"] for b in mirrored) == ["site-0", "site-1"]
         assert all(0 < b["epsilon_spent"] <= b["budget_epsilon"] for b in mirrored)
 
-        missing = run("query", "show", "nope", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+        missing = run("query", "show", "nope", *address, cwd=tmp_path, token=token)
         assert missing.returncode == 2
         assert "no release 'nope'" in missing.stderr
     finally:

@@ -27,6 +27,9 @@ def test_server_with_tls_answers_query_given_the_ca(
     enroll = ["keys", "enroll", "--site-id", "site-1", "--public-key", str(keys / "site-1.pub")]
     assert main([*enroll, "--database-url", database]) == 0
     capsys.readouterr()
+    issue = ["admin", "token", "issue", "--name", "ana", "--role", "viewer", "--json"]
+    assert main([*issue, "--database-url", database]) == 0
+    token = json.loads(capsys.readouterr().out)["token"]
 
     address = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "fedlens.cli", "server", "--address", address]
@@ -40,7 +43,7 @@ def test_server_with_tls_answers_query_given_the_ca(
         text=True,
     )
     try:
-        query = ["query", "releases", "--json", "--address", address]
+        query = ["query", "releases", "--json", "--address", address, "--token", token]
         deadline = time.monotonic() + 60
         while main([*query, "--tls-ca", str(tls / "ca.pem")]) != 0:
             assert server.poll() is None, server.communicate()[0]

@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -59,7 +60,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
-    from server.access import AccessControl
+    from server.access import AccessControl, Role
     from server.aggregation import Aggregator, QueryHandler
     from server.grpc_server import serve
     from server.identities import IdentityRegistry
@@ -73,13 +74,21 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     enrolment = args.enrolment or settings.enrolment
     auth = args.auth or settings.auth
     aggregator = Aggregator(store, identities=IdentityRegistry(store), enrolment=enrolment)
+    access = AccessControl(store) if auth == "token" else None
+    if access is not None and settings.admin_token is not None:
+        access.provision(
+            "admin (FEDLENS_ADMIN_TOKEN)",
+            Role.ADMIN,
+            settings.admin_token.get_secret_value(),
+            now=datetime.now(UTC),
+        )
     running = serve(
         aggregator,
         QueryHandler(store),
         address=args.address,
         tls_cert=tls_cert,
         tls_key=tls_key,
-        access=AccessControl(store) if auth == "token" else None,
+        access=access,
     )
     console.print(
         f"fedlens server on port {running.port} ({'TLS' if running.tls else 'plaintext'}), "

@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     """``FEDLENS_DATABASE_URL``, ``FEDLENS_AGGREGATOR_ADDRESS``, the TLS files and tokens.
 
     ``FEDLENS_AUTH`` (``token`` or ``off``) says whether the coordinator checks tokens;
-    ``FEDLENS_TOKEN`` is the token a client presents.
+    ``FEDLENS_TOKEN`` is the token a client presents; ``FEDLENS_ADMIN_TOKEN`` an admin
+    token the coordinator registers when it starts.
 
     ``FEDLENS_ENROLMENT`` (``first-use`` or ``strict``) says how the coordinator admits
     site identity keys. ``FEDLENS_TLS_CERT`` and ``FEDLENS_TLS_KEY`` are the
@@ -43,8 +44,10 @@ class Settings(BaseSettings):
     auth: Literal["token", "off"] = "token"
     # The token this process presents (analysts' CLI, the coordinator's ServerApp).
     token: SecretStr | None = None
+    # An admin token the coordinator registers at start-up (a deployment's shared secret).
+    admin_token: SecretStr | None = None
 
-    @field_validator("tls_cert", "tls_key", "tls_ca", "token", mode="before")
+    @field_validator("tls_cert", "tls_key", "tls_ca", "token", "admin_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

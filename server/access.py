@@ -209,6 +209,51 @@ class AccessControl:
         )
         return Principal(token_id, name, role), f"{_PREFIX}{token_id}_{secret}"
 
+    def provision(self, name: str, role: Role, token: str, *, now: datetime) -> Principal:
+        """Register a token the operator generated (``FEDLENS_ADMIN_TOKEN`` at start-up, so
+        a deployment's coordinator and ServerApp can share a secret from the environment).
+
+        A token already registered with this secret is left as it is.
+
+        Raises
+        ------
+        ConfigurationError
+            The token is not ``fl_<16 hex digits>_<secret of at least 32 characters>``, or
+            its id is registered with another secret.
+        """
+        token_id, _, secret = token[len(_PREFIX) :].partition("_")
+        well_formed = (
+            token.startswith(_PREFIX)
+            and len(token_id) == 16
+            and all(c in "0123456789abcdef" for c in token_id)
+            and len(secret) >= 32
+        )
+        if not well_formed:
+            raise ConfigurationError(
+                "a provisioned token must be fl_<16 hex digits>_<secret of 32+ characters>, "
+                "e.g. fl_$(openssl rand -hex 8)_$(openssl rand -hex 32)"
+            )
+        with self._store.session() as s:
+            row = s.get(_TokenRow, token_id)
+            if row is not None:
+                if not hmac.compare_digest(row.secret_hash, _hash(secret)):
+                    raise ConfigurationError(
+                        f"token id {token_id} is registered with another secret"
+                    )
+                return Principal(row.token_id, row.name, Role.parse(row.role))
+            s.add(
+                _TokenRow(
+                    token_id=token_id,
+                    name=name,
+                    role=role.name.lower(),
+                    secret_hash=_hash(secret),
+                    created_at=now,
+                    revoked_at=None,
+                )
+            )
+        self._audit(now, "admin", "provision_token", "ok", f"{token_id} for {name}")
+        return Principal(token_id, name, role)
+
     def revoke(self, token_id: str, *, now: datetime) -> Principal:
         with self._store.session() as s:
             row = s.get(_TokenRow, token_id)

@@ -12,7 +12,12 @@ import grpc
 import pytest
 
 from fedlens import wire
-from fedlens.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from fedlens.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from fedlens.query_client import QueryClient
 from fedlens.types import RoundSpec
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
@@ -202,3 +207,19 @@ def test_a_role_below_the_methods_is_refused_with_both_named(tmp_path: Path) -> 
     with pytest.raises(PermissionDeniedError, match="vera is a viewer; OpenRound needs admin"):
         access.admit(viewer, "/fedlens.v1.Aggregation/OpenRound", Role.ADMIN)
     access.admit(viewer, "/fedlens.v1.Query/GetRelease", Role.VIEWER)
+
+
+def test_a_provisioned_admin_token_works_once_registered(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    access = AccessControl(store)
+    token = "fl_0123456789abcdef_" + "s" * 40
+    principal = access.provision("ops", Role.ADMIN, token, now=NOW)
+    assert access.authenticate(token) == principal
+    # Start-up registers it again: nothing changes; another secret for the id is refused.
+    assert access.provision("ops", Role.ADMIN, token, now=NOW) == principal
+    with pytest.raises(ConfigurationError, match="another secret"):
+        access.provision("ops", Role.ADMIN, token[:-1] + "t", now=NOW)
+    for bad in ("fl_short_" + "s" * 40, "fl_0123456789abcdef_tooshort", "x" * 60):
+        with pytest.raises(ConfigurationError, match="fl_<16 hex digits>"):
+            access.provision("ops", Role.ADMIN, bad, now=NOW)
+    assert len(access.tokens()) == 1

@@ -1,9 +1,11 @@
 """The coordinator's store: rounds, releases with their privacy costs, trained global
 models, and an audit log.
 
-SQLAlchemy 2 over a SQLite file by default; any SQLAlchemy URL (PostgreSQL) works. The
-store never holds a site's vector, masked or not: only round metadata, released
-(post-processed, noised) values and what each site declared the release cost it.
+SQLAlchemy 2 over a SQLite file by default, or PostgreSQL by URL: what differs between
+the two is in :mod:`server.database`, and how an older database is upgraded in
+:mod:`server.schema`. The store never holds a site's vector, masked or not: only round
+metadata, released (post-processed, noised) values and what each site declared the
+release cost it.
 """
 
 from __future__ import annotations
@@ -19,16 +21,14 @@ from typing import Any
 import torch
 from sqlalchemy import (
     JSON,
-    DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
-    create_engine,
-    event,
     func,
     insert,
     select,
@@ -37,7 +37,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from fedlens.errors import IntegrityError, NotFoundError, StorageError
+from fedlens.errors import ConfigurationError, IntegrityError, NotFoundError, StorageError
+from fedlens.identity import check_site_id
 from fedlens.types import (
     PrivacyCost,
     Release,
@@ -47,6 +48,8 @@ from fedlens.types import (
     SiteLedger,
 )
 from privacy import LedgerEvent
+from server.database import UtcDateTime, clip_text, open_engine, storable
+from server.schema import upgrade
 
 __all__ = ["AuditEntry", "Store", "StoredModel"]
 
@@ -65,8 +68,8 @@ class _RoundRow(_Base):
     phase: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="")
     release_id: Mapped[str] = mapped_column(String(64), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class _ReleaseRow(_Base):
@@ -75,7 +78,7 @@ class _ReleaseRow(_Base):
     release_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     round_id: Mapped[str] = mapped_column(ForeignKey("rounds.round_id"), unique=True)
     kind: Mapped[str] = mapped_column(String(64), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     noised_count: Mapped[float] = mapped_column(Float)
     values: Mapped[list[list[Any]]] = mapped_column(JSON)
     grouped: Mapped[list[list[Any]]] = mapped_column(JSON)
@@ -101,7 +104,7 @@ class _AuditRow(_Base):
     __tablename__ = "audit_log"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64))
     round_id: Mapped[str] = mapped_column(String(128), default="")
@@ -115,13 +118,16 @@ class _SiteLedgerRow(_Base):
     site_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     budget_epsilon: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class _SiteLedgerEventRow(_Base):
     """A mirrored ledger event; ``seq`` is its position in the site's ledger, from 0."""
 
     __tablename__ = "site_ledger_events"
+    __table_args__ = (
+        Index("uq_site_ledger_events_position", "site_id", "seq", unique=True),  # version 2
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     site_id: Mapped[str] = mapped_column(ForeignKey("site_ledgers.site_id"), index=True)
@@ -140,7 +146,7 @@ class _ModelRow(_Base):
     __tablename__ = "models"
 
     model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     dataset: Mapped[str] = mapped_column(String(64), index=True)
     model: Mapped[str] = mapped_column(String(64))
     state: Mapped[bytes] = mapped_column(LargeBinary)
@@ -195,20 +201,23 @@ class Store:
     ----------
     url
         A SQLAlchemy URL: ``sqlite:///path/to/fedlens.db`` (the default in settings) or
-        ``postgresql+psycopg://...``.
+        ``postgresql+psycopg://...``. Opening creates the tables of a new database and
+        upgrades an older one (:mod:`server.schema`).
+
+    Raises
+    ------
+    StorageError
+        The URL is unusable, the database cannot be reached, or its schema is from a
+        newer fedlens.
     """
 
     def __init__(self, url: str) -> None:
+        self._engine: Engine = open_engine(url)
         try:
-            self._engine: Engine = create_engine(url)
-        except (SQLAlchemyError, ValueError) as exc:
-            raise StorageError(f"cannot open store {url!r}: {exc}") from exc
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "connect", _sqlite_pragmas)
-        try:
-            _Base.metadata.create_all(self._engine)
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot create tables in {url!r}: {exc}") from exc
+            upgrade(self._engine, _Base.metadata)  # see server.schema
+        except StorageError:
+            self._engine.dispose()
+            raise
 
     @property
     def engine(self) -> Engine:
@@ -241,6 +250,10 @@ class Store:
     # -- rounds ------------------------------------------------------------------
 
     def save_round(self, spec: RoundSpec, phase: str, *, now: datetime) -> None:
+        if not 0 < len(spec.round_id) <= 128 or not storable(spec.round_id):
+            raise ConfigurationError(
+                f"round id {spec.round_id[:64]!r} must be 1-128 characters, none of them NUL"
+            )
         with self.session() as s:
             s.add(
                 _RoundRow(
@@ -272,10 +285,10 @@ class Store:
         self, round_id: str, phase: str, *, now: datetime, reason: str = "", release_id: str = ""
     ) -> None:
         with self.session() as s:
-            row = s.get(_RoundRow, round_id)
+            row = s.get(_RoundRow, round_id) if storable(round_id) else None
             if row is None:
                 raise NotFoundError(f"no round {round_id!r}")
-            row.phase, row.reason, row.updated_at = phase, reason, now
+            row.phase, row.reason, row.updated_at = phase, clip_text(reason), now
             if release_id:
                 row.release_id = release_id
 
@@ -290,13 +303,15 @@ class Store:
             return [_spec_from_row(row) for row in rows]
 
     def round_exists(self, round_id: str) -> bool:
+        if not storable(round_id):
+            return False
         with self.session() as s:
             return s.get(_RoundRow, round_id) is not None
 
     def round_phase(self, round_id: str) -> tuple[str, str, str]:
         """``(phase, reason, release_id)`` of a stored round."""
         with self.session() as s:
-            row = s.get(_RoundRow, round_id)
+            row = s.get(_RoundRow, round_id) if storable(round_id) else None
             if row is None:
                 raise NotFoundError(f"no round {round_id!r}")
             return row.phase, row.reason, row.release_id
@@ -329,7 +344,7 @@ class Store:
 
     def get_release(self, release_id: str) -> Release:
         with self.session() as s:
-            row = s.get(_ReleaseRow, release_id)
+            row = s.get(_ReleaseRow, release_id) if storable(release_id) else None
             if row is None:
                 raise NotFoundError(f"no release {release_id!r}")
             return _release_from_row(row)
@@ -337,6 +352,8 @@ class Store:
     def list_releases(self, *, limit: int = 100, kind: str = "") -> list[ReleaseSummary]:
         """Newest first; one query reading only the summary columns and each cost count
         (the released values stay in the database)."""
+        if not storable(kind):
+            return []
         sites = (
             select(_CostRow.release_id, func.count().label("num_sites"))
             .group_by(_CostRow.release_id)
@@ -378,12 +395,20 @@ class Store:
 
         Raises
         ------
+        ConfigurationError
+            The site id is not a valid site id, or an event's label holds a NUL character;
+            nothing is stored.
         IntegrityError
             The report changes the site's budget or δ, or drops or rewrites a mirrored
             event; nothing is stored.
         """
+        check_site_id(ledger.site_id)
+        for e in ledger.events:
+            if not storable(e.label):
+                raise ConfigurationError(f"a ledger event's label holds a NUL: {e.label!r}")
         with self.session() as s:
-            row = s.get(_SiteLedgerRow, ledger.site_id)
+            # Held until the commit on PostgreSQL, so reports of one site extend it in turn.
+            row = s.get(_SiteLedgerRow, ledger.site_id, with_for_update=True)
             if row is None:
                 row = _SiteLedgerRow(
                     site_id=ledger.site_id,
@@ -424,6 +449,8 @@ class Store:
 
     def site_ledgers(self, *, site_id: str = "") -> list[SiteLedger]:
         """The mirrored ledgers (all, or one site's), events oldest first; ε not computed."""
+        if not storable(site_id):
+            return []
         with self.session() as s:
             query = select(_SiteLedgerRow).order_by(_SiteLedgerRow.site_id)
             if site_id:
@@ -474,7 +501,7 @@ class Store:
     def get_model(self, model_id: str) -> StoredModel:
         """The stored model ``model_id``; :class:`NotFoundError` if there is none."""
         with self.session() as s:
-            row = s.get(_ModelRow, model_id)
+            row = s.get(_ModelRow, model_id) if storable(model_id) else None
             if row is None:
                 raise NotFoundError(f"no model {model_id!r}")
             return _model_from_row(row)
@@ -491,7 +518,7 @@ class Store:
             query = select(_ModelRow).order_by(_ModelRow.created_at.desc()).limit(1)
             if dataset:
                 query = query.where(_ModelRow.dataset == dataset)
-            row = s.scalars(query).first()
+            row = s.scalars(query).first() if storable(dataset) else None
             if row is None:
                 scope = f" for dataset {dataset!r}" if dataset else ""
                 raise NotFoundError(f"no trained model is stored{scope} yet")
@@ -520,16 +547,20 @@ class Store:
         round_id: str = "",
         detail: str = "",
     ) -> None:
-        """Add an audit row inside ``connection``'s transaction (see :meth:`transaction`)."""
+        """Add an audit row inside ``connection``'s transaction (see :meth:`transaction`).
+
+        Text longer than its column is cut and a NUL is written ``\\x00``: a refusal of a
+        malformed request is audited with what it carried, on every backend.
+        """
         connection.execute(
             insert(_AuditRow),
             {
                 "at": now,
-                "actor": actor,
-                "action": action,
-                "round_id": round_id,
-                "outcome": outcome,
-                "detail": detail[:2000],
+                "actor": clip_text(actor, 128),
+                "action": clip_text(action, 64),
+                "round_id": clip_text(round_id, 128),
+                "outcome": clip_text(outcome, 64),
+                "detail": clip_text(detail, 2000),
             },
         )
 
@@ -557,8 +588,8 @@ class Store:
     def audit_entries(self, *, round_id: str = "") -> list[AuditEntry]:
         with self.session() as s:
             query = select(_AuditRow).order_by(_AuditRow.id)
-            if round_id:
-                query = query.where(_AuditRow.round_id == round_id)
+            if round_id:  # as add_audit stored it
+                query = query.where(_AuditRow.round_id == clip_text(round_id, 128))
             return [
                 AuditEntry(r.at, r.actor, r.action, r.round_id, r.outcome, r.detail)
                 for r in s.scalars(query)
@@ -655,13 +686,3 @@ def _model_from_row(row: _ModelRow) -> StoredModel:
         state=state,
         params=dict(row.params),
     )
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # In WAL mode, NORMAL makes every commit durable against the process being killed
-    # (what a restart recovers from); only a power loss may undo the last commits.
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()

@@ -1,9 +1,12 @@
-"""A real coordinator gRPC server on a loopback port, over a real SQLite store."""
+"""A real coordinator gRPC server on a loopback port, over a real store.
+
+The store is a SQLite file; a test marked ``both_backends`` runs a second time over a
+PostgreSQL database (``database_url`` in ``tests/conftest.py``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,8 +28,8 @@ class Coordinator:
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
-    store = Store(f"sqlite:///{tmp_path / 'fedlens.db'}")
+def coordinator(database_url: str) -> Iterator[Coordinator]:
+    store = Store(database_url)
     aggregator = Aggregator(store)
     running = serve(aggregator, QueryHandler(store))
     coord = Coordinator(store, aggregator, running)

@@ -109,6 +109,7 @@ def run_sites(
     return results
 
 
+@pytest.mark.both_backends
 def test_a_masked_round_releases_the_sum_and_stores_no_site_vector(
     coordinator: Coordinator,
 ) -> None:
@@ -202,6 +203,7 @@ def _assert_refused(coord: Coordinator, action: str, round_id: str) -> None:
     assert refusals, f"no refusal of {action} in the audit log"
 
 
+@pytest.mark.both_backends
 def test_bad_key_advertisements_are_refused_and_audited(coordinator: Coordinator) -> None:
     s = spec("r-adv")
     open_round(coordinator, s)
@@ -322,6 +324,7 @@ def test_bad_submissions_are_refused_and_the_round_survives(
     assert coordinator.store.list_releases() == []
 
 
+@pytest.mark.both_backends
 def test_duplicate_and_late_messages_are_refused_and_not_counted(coordinator: Coordinator) -> None:
     _collecting_round(coordinator, "r1")
     coordinator.aggregation.SubmitMasked(_submission())
@@ -383,8 +386,9 @@ def test_strict_enrolment_refuses_unknown_and_mismatched_identities(tmp_path: Pa
         store.close()
 
 
-def test_first_use_enrolment_pins_the_key_for_later_rounds(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'tofu.db'}")
+@pytest.mark.both_backends
+def test_first_use_enrolment_pins_the_key_for_later_rounds(database_url: str) -> None:
+    store = Store(database_url)
     registry = IdentityRegistry(store)
     aggregator = Aggregator(store, identities=registry, enrolment="first-use")
     running = serve(aggregator, QueryHandler(store))
@@ -440,10 +444,32 @@ def test_health_and_reflection_services_answer(coordinator: Coordinator) -> None
     assert {"fedlens.v1.Aggregation", "fedlens.v1.Query", "grpc.health.v1.Health"} <= names
 
 
+@pytest.mark.both_backends
 def test_unknown_release_is_not_found(coordinator: Coordinator) -> None:
     with pytest.raises(grpc.RpcError) as info:
         coordinator.query.GetRelease(query_pb2.GetReleaseRequest(release_id="missing"))
     assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+@pytest.mark.both_backends
+def test_ids_no_round_can_have_are_not_found_and_audited(coordinator: Coordinator) -> None:
+    """A NUL character or a thousand characters in an id: NOT_FOUND, and the refusal is
+    audited with the id escaped and cut to fit (PostgreSQL stores neither as sent)."""
+    for round_id in ("r\x00", "r" * 1000):
+        status = aggregation_pb2.GetRoundStatusRequest(round_id=round_id)
+        err = _refusal(coordinator.aggregation.GetRoundStatus, status)
+        assert err.code() is grpc.StatusCode.NOT_FOUND
+        submission = _submission(round_id=round_id, site_id="site\x00" * 40)
+        err = _refusal(coordinator.aggregation.SubmitMasked, submission)
+        assert err.code() is grpc.StatusCode.NOT_FOUND
+    err = _refusal(coordinator.query.GetRelease, query_pb2.GetReleaseRequest(release_id="\x00"))
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+    refusals = [e for e in coordinator.store.audit_entries() if e.action == "submit_masked"]
+    assert [(e.round_id, e.outcome) for e in refusals] == [
+        ("r\\x00", "refused"),
+        ("r" * 128, "refused"),
+    ]
+    assert refusals[0].actor == ("site\\x00" * 40)[:128]
 
 
 def test_malformed_parameters_are_refused_when_the_round_opens(coordinator: Coordinator) -> None:

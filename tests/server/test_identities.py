@@ -1,10 +1,9 @@
-"""The coordinator's identity registry over a real SQLite store."""
+"""The coordinator's identity registry over a real store, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -15,6 +14,8 @@ from fedlens.errors import ConfigurationError, NotFoundError
 from fedlens.identity import fingerprint
 from server.identities import IdentityRegistry
 from server.storage import Store
+
+pytestmark = pytest.mark.both_backends
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -28,8 +29,8 @@ def new_key() -> bytes:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'fedlens.db'}")
+def store(database_url: str) -> Iterator[Store]:
+    s = Store(database_url)
     try:
         yield s
     finally:
@@ -119,8 +120,8 @@ def test_unknown_site_is_not_found(store: Store) -> None:
         IdentityRegistry(store).public_key("nobody")
 
 
-def test_registry_lives_in_the_store_database_and_survives_reopening(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'fedlens.db'}"
+def test_registry_lives_in_the_store_database_and_survives_reopening(database_url: str) -> None:
+    url = database_url
     key = new_key()
     store = Store(url)
     IdentityRegistry(store).enroll("site-1", key, now=NOW)

@@ -1,4 +1,5 @@
-"""The coordinator's mirror of site ledgers, over real gRPC on loopback and a real store.
+"""The coordinator's mirror of site ledgers, over real gRPC on loopback and a real store
+(SQLite, then PostgreSQL).
 
 Sites report their ledgers; the mirror is append-only; ``OpenRound`` is refused early
 when a participating site's mirrored ledger cannot pay for the release; the Query
@@ -20,6 +21,8 @@ from fedlens.types import RoundSpec, SiteLedger
 from fedlens.v1 import aggregation_pb2, common_pb2, query_pb2
 from privacy import LedgerEvent, PrivacyLedger, gaussian_noise_multiplier
 from tests.server.conftest import Coordinator
+
+pytestmark = pytest.mark.both_backends
 
 NOW = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
 TRAINING = LedgerEvent(

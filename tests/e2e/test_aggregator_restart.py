@@ -2,7 +2,8 @@
 and database, while the sites keep going.
 
 The aggregator runs ``fedlens server`` (:func:`fedlens.cli.main`) in its own process over
-a SQLite file; the sites are threads of this process, each driving a
+a SQLite file (and, for the tests marked ``both_backends``, over a PostgreSQL database as
+well); the sites are threads of this process, each driving a
 :class:`~privacy.secagg_site.SiteSession` through :func:`client.secagg_client.run_secure_round`
 with an :class:`~client.secagg_client.AggregationClient` that retries while the aggregator
 is unavailable. Events gate each site right before it masks its input (``make_input``)
@@ -21,18 +22,17 @@ import multiprocessing
 import os
 import signal
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
 import numpy as np
 import pytest
+import sqlalchemy
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.secagg_client import AggregationClient, SiteInput, run_secure_round
@@ -106,7 +106,7 @@ def _free_port() -> int:
 @dataclass
 class Deployment:
     aggregator: AggregatorProcess
-    database: Path
+    database_url: str
     channel: grpc.Channel
     # The coordinator's admin token: the server checks tokens, as `fedlens server` does.
     metadata: tuple[tuple[str, str], ...] = ()
@@ -150,23 +150,26 @@ class Deployment:
         )
         return [r.release_id for r in reply.releases]
 
-    def rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
-        """Read the database file directly (used while the aggregator is down)."""
-        with sqlite3.connect(self.database) as db:
-            return db.execute(sql, args).fetchall()
+    def rows(self, sql: str, **params: object) -> list[tuple[Any, ...]]:
+        """Read the database directly (used while the aggregator is down)."""
+        engine = sqlalchemy.create_engine(self.database_url)
+        try:
+            with engine.connect() as db:
+                return [tuple(row) for row in db.execute(sqlalchemy.text(sql), params)]
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    database = tmp_path / "fedlens.db"
-    store = Store(f"sqlite:///{database}")
+def deployment(database_url: str) -> Iterator[Deployment]:
+    store = Store(database_url)
     _, token = AccessControl(store).issue("coordinator", Role.ADMIN, now=datetime.now(UTC))
     store.close()
-    aggregator = AggregatorProcess(f"127.0.0.1:{_free_port()}", f"sqlite:///{database}")
+    aggregator = AggregatorProcess(f"127.0.0.1:{_free_port()}", database_url)
     aggregator.start()
     channel = grpc.insecure_channel(aggregator.address)
     try:
-        yield Deployment(aggregator, database, channel, bearer_metadata(token))
+        yield Deployment(aggregator, database_url, channel, bearer_metadata(token))
     finally:
         channel.close()
         aggregator.stop()
@@ -349,7 +352,7 @@ def journal(deployment: Deployment, round_id: str) -> list[tuple[str, str]]:
     return [
         (action, site)
         for action, site in deployment.rows(
-            "SELECT action, site_id FROM round_journal WHERE round_id = ? ORDER BY id", round_id
+            "SELECT action, site_id FROM round_journal WHERE round_id = :r ORDER BY id", r=round_id
         )
     ]
 
@@ -357,12 +360,13 @@ def journal(deployment: Deployment, round_id: str) -> list[tuple[str, str]]:
 def assert_round_state_dropped(deployment: Deployment, round_id: str) -> None:
     """A finished round leaves neither journal nor masked running sum behind."""
     assert journal(deployment, round_id) == []
-    assert deployment.rows("SELECT * FROM round_sums WHERE round_id = ?", round_id) == []
+    assert deployment.rows("SELECT * FROM round_sums WHERE round_id = :r", r=round_id) == []
 
 
 # -- tests ------------------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("lost", ["site-c", "site-d"], ids=["third-submit", "last-submit"])
 def test_killed_while_collecting_resumes_and_counts_every_input_once(
     deployment: Deployment, lost: str
@@ -401,7 +405,7 @@ def test_killed_while_collecting_resumes_and_counts_every_input_once(
     submitted = [site for action, site in journal(deployment, spec.round_id) if action == "submit"]
     assert sorted(submitted) == sorted([*early, lost])
     (blob,) = deployment.rows(
-        "SELECT running_sum FROM round_sums WHERE round_id = ?", spec.round_id
+        "SELECT running_sum FROM round_sums WHERE round_id = :r", r=spec.round_id
     )[0]
     codec = FixedPointCodec(bits=spec.bits, scale=spec.scale)
     stored = codec.decode(np.frombuffer(blob, dtype="<u8").astype(np.uint64))
@@ -428,6 +432,7 @@ def test_killed_while_collecting_resumes_and_counts_every_input_once(
     assert_round_state_dropped(deployment, spec.round_id)
 
 
+@pytest.mark.both_backends
 def test_killed_while_unmasking_resumes_and_releases_the_sum(deployment: Deployment) -> None:
     spec = round_spec("unmask", phase_timeout_s=WAIT_S)
     open_round(deployment, spec)
@@ -497,7 +502,7 @@ def test_deadline_passed_while_down_aborts_the_round_after_restart(
         assert isinstance(sites[site_id].outcome, StaleRoundError), sites[site_id].outcome
         assert sites[site_id].submit_accepted == 0
     assert deployment.release_ids() == []
-    assert deployment.rows("SELECT phase FROM rounds WHERE round_id = ?", spec.round_id) == [
+    assert deployment.rows("SELECT phase FROM rounds WHERE round_id = :r", r=spec.round_id) == [
         ("aborted",)
     ]
     assert_round_state_dropped(deployment, spec.round_id)

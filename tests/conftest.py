@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.postgres_server import ENV_URL, PostgresDatabases, PostgresServer
+from tests.postgres_server import (
+    ENV_URL,
+    PostgresDatabases,
+    PostgresServer,
+    session_directory,
+    stop_abandoned,
+)
 
 BACKENDS = (
     pytest.param("sqlite", id="sqlite"),
@@ -41,11 +46,10 @@ def postgres() -> Iterator[PostgresDatabases]:
         yield databases
         databases.close()
         return
-    # Not under pytest's tmp_path: when the tests run as root, the server runs as the
-    # postgres user, who must be able to reach the directory.
-    directory = Path(tempfile.mkdtemp(prefix="fedlens-pg-"))
+    directory = session_directory()
     try:
         server = PostgresServer(directory)
+        stop_abandoned(server.binaries)
         server.start()
         try:
             databases = PostgresDatabases(server.url())

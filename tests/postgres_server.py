@@ -15,7 +15,9 @@ which a throwaway cluster can afford.
 
 Every step is idempotent: ``start`` on a directory that holds a running cluster prints its
 URL again, on a stopped one starts it, and on an empty one creates it; ``stop`` on a stopped
-cluster does nothing. With ``FEDLENS_TEST_POSTGRES_URL`` set (a server URL whose user may
+cluster does nothing. A test session's cluster (:func:`session_directory`) records the
+session's process id, so a later session stops and removes it if that process died without
+stopping it. With ``FEDLENS_TEST_POSTGRES_URL`` set (a server URL whose user may
 create databases) the tests use that server instead and start none.
 """
 
@@ -28,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,11 +38,21 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-__all__ = ["ENV_URL", "PostgresDatabases", "PostgresError", "PostgresServer", "find_binaries"]
+__all__ = [
+    "ENV_URL",
+    "PostgresDatabases",
+    "PostgresError",
+    "PostgresServer",
+    "find_binaries",
+    "session_directory",
+    "stop_abandoned",
+]
 
 ENV_URL = "FEDLENS_TEST_POSTGRES_URL"
 PORT = 5432  # names the socket file in the cluster's own directory; no TCP port is opened
 SYSTEM_USER = "postgres"
+SESSION_PREFIX = "fedlens-pg-"
+_OWNER = "owner.pid"  # the test session's process id, in its cluster's directory
 _DEBIAN_BINARIES = Path("/usr/lib/postgresql")
 _SETTINGS = """
 # fedlens test cluster: Unix socket only, no durability (the cluster is thrown away)
@@ -225,6 +238,43 @@ class PostgresServer:
         """Stop the server (fast shutdown) if it is running."""
         if self.running():
             self._tool("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60")
+
+
+def session_directory() -> Path:
+    """A new directory for a test session's cluster, marked with this process's id.
+
+    Not under pytest's ``tmp_path``: when the tests run as root the server runs as the
+    ``postgres`` user, who must be able to reach the directory.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=SESSION_PREFIX))
+    (directory / _OWNER).write_text(str(os.getpid()))
+    return directory
+
+
+def stop_abandoned(binaries: Path) -> list[Path]:
+    """Stop and remove the clusters of test sessions whose process has died; returns them."""
+    stopped = []
+    for directory in Path(tempfile.gettempdir()).glob(f"{SESSION_PREFIX}*"):
+        try:
+            owner = int((directory / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not a session's cluster, or not ours to judge
+        if _alive(owner):
+            continue
+        PostgresServer(directory, binaries).stop()
+        shutil.rmtree(directory, ignore_errors=True)
+        stopped.append(directory)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class PostgresDatabases:

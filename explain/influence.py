@@ -16,8 +16,9 @@ where ``H / N + lambda I`` is what :class:`explain.second_order.SecondOrder` sol
   ``grad L^T (H / N + lambda I)^{-1} grad l(z) / N`` (:func:`loss_influence`). Influence is
   linear in the records, so a group's or a site's influence is the sum of its records'.
 
-All three take the inverse once, on the query side, so their cost per record is one
-gradient and one dot product.
+All three take the inverse once, on the query side; the first and the last then need only
+one forward-mode pass over the records (:func:`explain.per_record.gradient_dot`), never the
+``(n, p)`` matrix of per-record gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from explain.per_record import per_record_gradients, prediction_gradients
+from explain.per_record import gradient_dot, per_record_gradients, prediction_gradients
 from explain.second_order import SecondOrder
 
 __all__ = ["influence_on_predictions", "loss_influence", "self_influence"]
@@ -56,9 +57,10 @@ def influence_on_predictions(
     numpy.ndarray
         ``(n, k)`` float64.
     """
-    grads = per_record_gradients(model, features, labels) if gradients is None else gradients
     directions = second.solve(prediction_gradients(model, np.atleast_2d(queries)).T)  # (p, k)
-    return np.asarray(-(grads @ directions) / second.count)
+    if gradients is None:
+        return np.asarray(-gradient_dot(model, features, labels, directions.T) / second.count)
+    return np.asarray(-(gradients @ directions) / second.count)
 
 
 def self_influence(
@@ -86,6 +88,9 @@ def loss_influence(
 ) -> np.ndarray:
     """How much a loss with gradient ``target_gradient`` ``(p,)`` would rise without each
     record: ``(n,)``; positive for records that help the model on that loss."""
-    grads = per_record_gradients(model, features, labels) if gradients is None else gradients
     solved = second.solve(np.asarray(target_gradient, dtype=np.float64))
-    return np.asarray(grads @ solved / second.count)
+    if gradients is None:
+        return np.asarray(
+            gradient_dot(model, features, labels, solved[None, :])[:, 0] / second.count
+        )
+    return np.asarray(gradients @ solved / second.count)

@@ -14,18 +14,20 @@ Parameters are flattened in ``model.named_parameters()`` order, each tensor row-
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from fedlens.errors import ExplanationError
 
 __all__ = [
     "ParameterLayout",
+    "gradient_dot",
     "parameter_layout",
     "per_record_gradients",
     "prediction_gradients",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 _CHUNK = 2048
+_FORWARD_AD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,9 @@ def tracin_scores(
     ``(state_t, eta_t)``: the first-order estimate of how much training on ``z`` with
     gradient descent moved the query's logit *down* (a descent step on ``z`` moves
     ``theta`` by ``-eta * grad l(z)``). It is returned with the opposite sign, so that,
-    like :func:`explain.second_order.influence_on_prediction`, a positive score means
-    the record pushed the query's logit up.
+    like :func:`explain.influence.influence_on_predictions`, a positive score means the
+    record pushed the query's logit up. Each checkpoint costs one backward pass for the
+    query and one forward-mode pass over the records (:func:`gradient_dot`).
 
     Returns
     -------
@@ -192,6 +196,66 @@ def tracin_scores(
     twin = copy.deepcopy(model)
     for state, eta in checkpoints:
         twin.load_state_dict(dict(state))
-        g_q = prediction_gradients(twin, query)[0]
-        total -= eta * (per_record_gradients(twin, features, labels) @ g_q)
+        g_q = prediction_gradients(twin, query)
+        total -= eta * gradient_dot(twin, features, labels, g_q)[:, 0]
     return total
+
+
+def gradient_dot(
+    model: nn.Module,
+    features: np.ndarray,
+    labels: np.ndarray,
+    directions: np.ndarray,
+    *,
+    chunk: int = _CHUNK,
+) -> np.ndarray:
+    """``grad l(z_i) . v_j`` for every record and direction, without the ``(n, p)`` gradients.
+
+    Each product is the derivative of the record's loss along ``v_j``, so one forward-mode
+    pass (:func:`torch.func.jvp`) per direction gives it for all records at once.
+
+    Parameters
+    ----------
+    directions
+        ``(k, p)`` in the flat layout of :func:`parameter_layout`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, k)`` float64, equal to ``per_record_gradients(...) @ directions.T``.
+    """
+    check_inputs(features, labels, model_dimension(model))
+    layout = parameter_layout(model)
+    v = np.atleast_2d(np.asarray(directions, dtype=np.float64))
+    if v.shape[1] != layout.size or not np.all(np.isfinite(v)):
+        raise ExplanationError(
+            f"directions must be finite with {layout.size} columns, got {v.shape}"
+        )
+    twin, params = _double(model)
+    tangents = {
+        name: torch.as_tensor(v[:, layout.slice(name)]).reshape(v.shape[0], *shape)
+        for name, shape in zip(layout.names, layout.shapes, strict=True)
+    }
+    x_all = torch.as_tensor(np.asarray(features, dtype=np.float64))
+    y_all = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+    out = np.empty((features.shape[0], v.shape[0]))
+
+    def logits(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = functional_call(twin, p, (x,)).reshape(-1)
+        return out
+
+    # Forward-mode AD keeps its dual levels in process-wide state, so concurrent jvp
+    # calls from several threads (sites simulated in one process) corrupt each other.
+    with _FORWARD_AD, torch.no_grad():
+        for start in range(0, features.shape[0], chunk):
+            stop = min(start + chunk, features.shape[0])
+            x, y = x_all[start:stop], y_all[start:stop]
+            # d l / d theta = (sigmoid(f) - y) d f / d theta: only the logits go forward-mode.
+            residual = torch.sigmoid(twin(x).reshape(-1)) - y
+
+            def along(t: dict[str, torch.Tensor], x: torch.Tensor = x) -> torch.Tensor:
+                derivative: torch.Tensor = jvp(lambda p: logits(p, x), (params,), (t,))[1]
+                return derivative
+
+            out[start:stop] = (vmap(along)(tangents) * residual).T.numpy()
+    return out

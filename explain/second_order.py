@@ -348,9 +348,8 @@ class SecondOrder:
         packed = np.asarray(packed, dtype=np.float64)
         if not np.all(np.isfinite(packed)):
             raise ExplanationError("second-order factors hold NaN or infinite values")
-        labels = hessian_labels(model) if form == "hessian" else None
         if form == "hessian":
-            assert labels is not None
+            labels = hessian_labels(model)
             if packed.shape != (len(labels),):
                 raise ExplanationError(
                     f"a Hessian of this model has {len(labels)} packed values, got {packed.shape}"

@@ -112,7 +112,11 @@ def _encode(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return {_NON_FINITE: repr(value)}
     if isinstance(value, dict):
-        return {key: _encode(item) for key, item in value.items()}
+        # A key of the data that starts with "$" gets another, so none is taken for a marker.
+        return {
+            "$" + key if isinstance(key, str) and key.startswith("$") else key: _encode(item)
+            for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_encode(item) for item in value]
     return value
@@ -121,11 +125,12 @@ def _encode(value: Any) -> Any:
 def _decode(obj: dict[str, Any]) -> Any:
     if len(obj) == 1 and isinstance(obj.get(_NON_FINITE), str):
         return float(obj[_NON_FINITE])
-    return obj
+    return {key[1:] if key.startswith("$$") else key: item for key, item in obj.items()}
 
 
 def dumps_json(value: Any) -> str:
-    """JSON that PostgreSQL accepts: NaN and ±inf become ``{"$float": "nan"}`` objects."""
+    """JSON that PostgreSQL accepts: NaN and ±inf become ``{"$float": "nan"}`` objects (and a
+    key of the data that starts with ``$`` gets another ``$``)."""
     return json.dumps(_encode(value), allow_nan=False)
 
 

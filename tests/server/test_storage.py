@@ -141,13 +141,14 @@ def test_non_finite_released_values_survive(store: Store) -> None:
         ReleasedValue("ratio", math.inf, -math.inf),
         ReleasedValue("plain", 1.0, 0.0),
     )
-    rel = Release("rel-1", "r-1", "fairness", "", 0.0, values, (), (), {"a": "NaN"})
+    params = {"a": "NaN", "$float": "inf"}  # data shaped like the JSON codec's marker
+    rel = Release("rel-1", "r-1", "fairness", "", 0.0, values, (), (), params)
     store.save_release(rel, created_at=T0)
 
     got = store.get_release("rel-1")
     assert math.isnan(got.values[0].value) and got.values[0].noise_std == 0.1
     assert got.values[1:] == values[1:]
-    assert got.params == {"a": "NaN"}
+    assert got.params == params
 
 
 def test_releases_list_newest_first_with_their_site_counts(store: Store) -> None:

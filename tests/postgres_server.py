@@ -34,6 +34,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -93,20 +94,19 @@ def install() -> Path:
             "PostgreSQL is not installed (no initdb/pg_ctl) and there is no apt-get to install "
             f"it: install PostgreSQL, or point {ENV_URL} at a server"
         )
-    prefix: list[str] = []
+    # env(1) passes the setting through sudo, which would drop it from the environment
+    prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
     if os.geteuid() != 0:
         if shutil.which("sudo") is None:
             raise PostgresError(
                 "PostgreSQL is not installed and installing it needs root: run "
                 f"`apt-get install -y postgresql` as root, or point {ENV_URL} at a server"
             )
-        prefix = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        prefix = ["sudo", "-n", *prefix]
     print("installing PostgreSQL with apt-get ...", file=sys.stderr)
-    _run([*prefix, "apt-get", "update"], env=env, timeout=600)
+    _run([*prefix, "apt-get", "update"], timeout=600)
     _run(
         [*prefix, "apt-get", "install", "-y", "--no-install-recommends", "postgresql"],
-        env=env,
         timeout=1200,
     )
     found = find_binaries()
@@ -184,7 +184,8 @@ class PostgresServer:
 
     def url(self, database: str = "postgres") -> str:
         """The SQLAlchemy URL of ``database`` on this server."""
-        return f"postgresql+psycopg://postgres@/{database}?host={self.directory}&port={PORT}"
+        host = quote(str(self.directory), safe="")
+        return f"postgresql+psycopg://postgres@/{database}?host={host}&port={PORT}"
 
     def _tool(self, name: str, *args: str, timeout: float = 120, check: bool = True) -> int:
         done = _run(

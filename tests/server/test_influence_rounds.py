@@ -5,6 +5,7 @@ centralised computation; stale factors and bad queries are refused before any sp
 from __future__ import annotations
 
 import json
+import math
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,7 @@ from fedlens.errors import ExplanationError
 from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
 from fedlens.types import RoundPhase, RoundStatus
+from privacy import gaussian_noise_multiplier
 from server.aggregation import Aggregator, QueryHandler
 from server.grpc_server import RunningServer, serve
 from server.influence_rounds import (
@@ -32,6 +34,7 @@ from server.influence_rounds import (
     influence_params,
     run_influence,
     second_order_inputs,
+    validation_inputs,
 )
 from server.round_specs import explanation_round_spec
 from server.storage import Store
@@ -311,3 +314,48 @@ def test_ekfac_runs_kfac_then_corrections_then_influence(tmp_path: Path) -> None
     got = values["label=0/influence"].value + values["label=1/influence"].value
     std = np.hypot(values["label=0/influence"].noise_std, values["label=1/influence"].noise_std)
     assert abs(got - total) <= 5 * std + 1e-9, (got, total, std)
+
+
+@pytest.mark.parametrize(
+    "kind", ["influence_prototypes", "self_influence", "site_contribution", "loo_unfairness"]
+)
+def test_every_influence_kind_completes_with_the_released_factors(
+    released: tuple[Federation, list[RoundStatus]], kind: str
+) -> None:
+    federation, statuses = released
+    factors = federation.store.get_release(statuses[0].release_id)
+    inputs = second_order_inputs(factors, federation.model, MU / 455)
+    # ε = 5 each: the sites' budgets (100) already paid for two releases at ε = 30.
+    run = federation.run.model_copy(
+        update={"explain_kind": kind, "influence_k": 5, "explain_epsilon": 5.0}
+    )
+    params = influence_params(run, federation.dataset, NAMES) | inputs.params
+    arrays = dict(inputs.arrays)
+    if kind == "site_contribution":
+        arrays |= validation_inputs(federation.model, federation.dataset)
+    status = federation.explain_round(run, params, arrays)
+    assert status.phase is RoundPhase.COMPLETE, (status, federation.errors)
+    release = federation.store.get_release(status.release_id)
+    assert release.kind == kind
+    assert release.params["second_order_release"] == factors.release_id
+    values = {v.name: v for v in release.values}
+    if kind == "influence_prototypes":
+        # Averages of encoded columns, each in [0, 1]; 5 records per set at each site.
+        # Three sites' local noise on the count coordinate, in records: sqrt(3 * 2) * z.
+        count_std = math.sqrt(6) * gaussian_noise_multiplier(5.0, run.explain_delta)
+        assert release.noised_count == pytest.approx(15, abs=5 * count_std)
+        assert all(0.0 <= v.value <= 1.0 for v in release.values)
+    elif kind == "self_influence":
+        total = sum(v.value for v in release.values)
+        assert total == pytest.approx(release.noised_count, rel=0.1)
+    elif kind == "site_contribution":
+        # No site's policy allows a breakdown: everything lands in "(withheld)".
+        assert abs(values["(withheld)/count"].value - release.noised_count) <= 5 * (
+            values["(withheld)/count"].noise_std
+        )
+        assert all(
+            abs(values[f"{s}/count"].value) <= 5 * values[f"{s}/count"].noise_std for s in NAMES
+        )
+    else:
+        histogram = [v for v in release.values if v.name.startswith("change in")]
+        assert sum(v.value for v in histogram) == pytest.approx(release.noised_count, rel=0.1)

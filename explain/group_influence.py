@@ -43,12 +43,13 @@ from explain.influence_setup import (
     parse_query,
     positive_number,
 )
-from explain.per_record import check_inputs
+from explain.per_record import as_records
 from explain.registry import (
     Contribution,
     ExplanationKind,
     PostProcessed,
     SiteContext,
+    check_noised_sum,
     register_kind,
 )
 from fedlens.errors import ConfigurationError, ExplanationError
@@ -84,12 +85,9 @@ def _release(
     params: Mapping[str, str],
     score_name: str,
 ) -> PostProcessed:
-    if noised_sum.shape != (len(labels) + 1,) or len(labels) % 2:
-        raise ConfigurationError(
-            f"noised sum has shape {noised_sum.shape}, expected ({len(labels) + 1},)"
-        )
-    if not math.isfinite(clip_bound) or clip_bound <= 0:
-        raise ConfigurationError(f"clip bound must be finite and > 0, got {clip_bound!r}")
+    check_noised_sum(noised_sum, labels, clip_bound)
+    if len(labels) % 2:
+        raise ConfigurationError(f"expected an even number of labels, got {len(labels)}")
     bound = positive_number(params, "influence_clip", DEFAULT_INFLUENCE_CLIP)
     records = positive_number(params, "second_order_count", 1.0)
     g = len(labels) // 2
@@ -136,8 +134,7 @@ def _group_influence(
     context: SiteContext | None = None,
 ) -> Contribution:
     del sensitive  # sensitive attributes are features of the encoding; grouped from there
-    x = np.asarray(features, dtype=np.float64)
-    check_inputs(x, labels, x.shape[1] if x.ndim == 2 else -1)
+    x = as_records(features, labels)
     grouping = grouping_of(params)
     query = parse_query(params, x.shape[1])
     if query.shape[0] != 1:
@@ -168,8 +165,7 @@ def _site_contribution(
     context: SiteContext | None = None,
 ) -> Contribution:
     del sensitive
-    x = np.asarray(features, dtype=np.float64)
-    check_inputs(x, labels, x.shape[1] if x.ndim == 2 else -1)
+    x = as_records(features, labels)
     grouping = grouping_of({**params, "group_by": "site"}, ("_",), {})
     scorer = InfluenceScorer.from_request(model, params, context)
     arrays = context.arrays if context is not None else {}

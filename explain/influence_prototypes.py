@@ -30,12 +30,13 @@ import numpy as np
 from torch import nn
 
 from explain.influence_setup import InfluenceScorer, parse_query
-from explain.per_record import check_inputs
+from explain.per_record import as_records
 from explain.registry import (
     Contribution,
     ExplanationKind,
     PostProcessed,
     SiteContext,
+    check_noised_sum,
     register_kind,
 )
 from fedlens.errors import ConfigurationError, ExplanationError
@@ -86,8 +87,7 @@ def _contribute(
     context: SiteContext | None = None,
 ) -> Contribution:
     del sensitive
-    x = np.asarray(features, dtype=np.float64)
-    check_inputs(x, labels, x.shape[1] if x.ndim == 2 else -1)
+    x = as_records(features, labels)
     names, radius = _layout(params)
     if len(names) != x.shape[1]:
         raise ExplanationError(
@@ -123,12 +123,9 @@ def _postprocess(
     labels: tuple[str, ...],
     params: Mapping[str, str],
 ) -> PostProcessed:
-    if noised_sum.shape != (len(labels) + 1,) or len(labels) % 2:
-        raise ConfigurationError(
-            f"noised sum has shape {noised_sum.shape}, expected ({len(labels) + 1},)"
-        )
-    if not math.isfinite(clip_bound) or clip_bound <= 0:
-        raise ConfigurationError(f"clip bound must be finite and > 0, got {clip_bound!r}")
+    check_noised_sum(noised_sum, labels, clip_bound)
+    if len(labels) % 2:
+        raise ConfigurationError(f"expected an even number of labels, got {len(labels)}")
     _, radius = _layout(params)
     scale = clip_bound / (math.sqrt(2.0) * radius)
     averaged = float(noised_sum[-1] / clip_bound)

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from explain.influence_setup import InfluenceScorer, parse_query
-from explain.per_record import check_inputs
+from explain.per_record import as_records
 from explain.registry import (
     Contribution,
     ExplanationKind,
     PostProcessed,
     SiteContext,
+    check_noised_sum,
     register_kind,
 )
 from explain.self_influence import bin_index
@@ -112,8 +113,7 @@ def _contribute(
     context: SiteContext | None = None,
 ) -> Contribution:
     del sensitive
-    x = np.asarray(features, dtype=np.float64)
-    check_inputs(x, labels, x.shape[1] if x.ndim == 2 else -1)
+    x = as_records(features, labels)
     edges = _bins(params)
     probes = parse_query(params, x.shape[1])
     scorer = InfluenceScorer.from_request(model, params, context)
@@ -136,12 +136,7 @@ def _postprocess(
     params: Mapping[str, str],
 ) -> PostProcessed:
     del params
-    if noised_sum.shape != (len(labels) + 1,):
-        raise ConfigurationError(
-            f"noised sum has shape {noised_sum.shape}, expected ({len(labels) + 1},)"
-        )
-    if not math.isfinite(clip_bound) or clip_bound <= 0:
-        raise ConfigurationError(f"clip bound must be finite and > 0, got {clip_bound!r}")
+    check_noised_sum(noised_sum, labels, clip_bound)
     c = clip_bound / math.sqrt(2.0)
     counts = noised_sum[:-1] / c
     records = float(noised_sum[-1] / clip_bound)

@@ -88,6 +88,13 @@ def check_inputs(features: np.ndarray, labels: np.ndarray | None, dimension: int
             raise ExplanationError("labels must be 0 or 1")
 
 
+def as_records(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A site's records as float64 ``(n, d)``, refused if malformed (see :func:`check_inputs`)."""
+    x = np.asarray(features, dtype=np.float64)
+    check_inputs(x, labels, x.shape[1] if x.ndim == 2 else -1)
+    return x
+
+
 def _double(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     twin = copy.deepcopy(model).double().eval()
     params = {k: v.detach() for k, v in twin.named_parameters()}

@@ -10,6 +10,7 @@ computes anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +27,7 @@ __all__ = [
     "PostProcessed",
     "SiteContext",
     "available_kinds",
+    "check_noised_sum",
     "get_kind",
     "l2_sensitivity",
     "register_kind",
@@ -52,6 +54,22 @@ class Contribution:
     vector: np.ndarray
     count: int
     labels: tuple[str, ...]
+
+
+def check_noised_sum(noised_sum: np.ndarray, labels: Sequence[str], clip_bound: float) -> None:
+    """Refuse a noised sum that does not fit ``labels`` (plus the count), or a bad clip bound.
+
+    Raises
+    ------
+    ConfigurationError
+        The sum's shape is not ``(len(labels) + 1,)`` or the clip bound is not finite > 0.
+    """
+    if noised_sum.shape != (len(labels) + 1,):
+        raise ConfigurationError(
+            f"noised sum has shape {noised_sum.shape}, expected ({len(labels) + 1},)"
+        )
+    if not math.isfinite(clip_bound) or clip_bound <= 0:
+        raise ConfigurationError(f"clip bound must be finite and > 0, got {clip_bound!r}")
 
 
 def l2_sensitivity(clip_bound: float) -> float:

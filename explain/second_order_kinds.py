@@ -38,6 +38,7 @@ from explain.registry import (
     ExplanationKind,
     PostProcessed,
     SiteContext,
+    check_noised_sum,
     register_kind,
 )
 from explain.second_order import (
@@ -121,12 +122,7 @@ def _make(
         params: Mapping[str, str],
     ) -> PostProcessed:
         del params
-        if noised_sum.shape != (len(labels) + 1,):
-            raise ConfigurationError(
-                f"noised sum has shape {noised_sum.shape}, expected ({len(labels) + 1},)"
-            )
-        if not math.isfinite(clip_bound) or clip_bound <= 0:
-            raise ConfigurationError(f"clip bound must be finite and > 0, got {clip_bound!r}")
+        check_noised_sum(noised_sum, labels, clip_bound)
         noised_count = float(noised_sum[-1] / clip_bound)
         divisor = max(noised_count, 1.0)
         sd = noise_std / divisor

@@ -28,12 +28,13 @@ import numpy as np
 from torch import nn
 
 from explain.influence_setup import InfluenceScorer, grouping_of, positive_number
-from explain.per_record import check_inputs
+from explain.per_record import as_records
 from explain.registry import (
     Contribution,
     ExplanationKind,
     PostProcessed,
     SiteContext,
+    check_noised_sum,
     register_kind,
 )
 from fedlens.errors import ConfigurationError
@@ -87,8 +88,7 @@ def _contribute(
     context: SiteContext | None = None,
 ) -> Contribution:
     del sensitive
-    x = np.asarray(features, dtype=np.float64)
-    check_inputs(x, labels, x.shape[1] if x.ndim == 2 else -1)
+    x = as_records(features, labels)
     grouping = grouping_of(params)
     edges = _bins(params)
     scores = InfluenceScorer.from_request(model, params, context).self_scores(x, labels)
@@ -113,12 +113,7 @@ def _postprocess(
     labels: tuple[str, ...],
     params: Mapping[str, str],
 ) -> PostProcessed:
-    if noised_sum.shape != (len(labels) + 1,):
-        raise ConfigurationError(
-            f"noised sum has shape {noised_sum.shape}, expected ({len(labels) + 1},)"
-        )
-    if not math.isfinite(clip_bound) or clip_bound <= 0:
-        raise ConfigurationError(f"clip bound must be finite and > 0, got {clip_bound!r}")
+    check_noised_sum(noised_sum, labels, clip_bound)
     edges = _bins(params)
     suspicious = positive_number(params, "suspicious", 1.0)
     if suspicious not in edges:

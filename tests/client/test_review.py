@@ -19,8 +19,8 @@ from fedlens.cli import main
 from fedlens.datasets import Dataset, load_dataset, register_dataset
 from fedlens.datasets import registry as registry_module
 from fedlens.errors import ConfigurationError
-from fedlens.models import build_model
 from fedlens.runconfig import RunConfig
+from tests.influence_models import fit_logistic_state
 
 RUN = RunConfig.model_validate(
     {"dataset": "synthetic_hospitals", "model": "logistic", "partition": "natural"}
@@ -44,22 +44,6 @@ def _planted(seed: int = 0) -> Dataset:
     return Dataset(PLANTED, base.schema, train, base.test, natural_attribute="site")
 
 
-def _fit_global(features: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
-    """An L2-regularised logistic model fitted by Newton's method on all sites' rows."""
-    x = np.hstack([features, np.ones((features.shape[0], 1))])
-    theta = np.zeros(x.shape[1])
-    for _ in range(30):
-        p = 1.0 / (1.0 + np.exp(-x @ theta))
-        gradient = x.T @ (p - labels) + MU * theta
-        hessian = x.T @ (x * (p * (1 - p))[:, None]) + MU * np.eye(x.shape[1])
-        theta -= np.linalg.solve(hessian, gradient)
-    model = build_model("logistic", features.shape[1])
-    with torch.no_grad():
-        model.linear.weight.copy_(torch.tensor(theta[None, :-1]))
-        model.linear.bias.copy_(torch.tensor(theta[-1:]))
-    return model.state_dict()
-
-
 World = tuple[RunConfig, dict[str, torch.Tensor], np.ndarray, int]
 
 
@@ -68,8 +52,13 @@ def _world(run: RunConfig) -> World:
     x = dataset.preprocessor.transform(dataset.train).astype(np.float64)
     y = dataset.train[dataset.schema.label].to_numpy().astype(np.float64)
     if dataset.truth is not None:
-        return run, _fit_global(x, y), dataset.truth.flipped_indices, dataset.truth.flipped_site
-    return run, _fit_global(x, y), dataset.train.attrs["flipped"], FLIPPED_SITE
+        return (
+            run,
+            fit_logistic_state(x, y, MU),
+            dataset.truth.flipped_indices,
+            dataset.truth.flipped_site,
+        )
+    return run, fit_logistic_state(x, y, MU), dataset.train.attrs["flipped"], FLIPPED_SITE
 
 
 @pytest.fixture(scope="module")

@@ -38,25 +38,11 @@ from server.influence_rounds import (
 )
 from server.round_specs import explanation_round_spec
 from server.storage import Store
+from tests.influence_models import fit_logistic_state
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 NAMES = ("site-0", "site-1", "site-2")
 MU = 1.0
-
-
-def _fit(features: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
-    x = np.hstack([features, np.ones((features.shape[0], 1))])
-    theta = np.zeros(x.shape[1])
-    for _ in range(30):
-        p = 1.0 / (1.0 + np.exp(-x @ theta))
-        gradient = x.T @ (p - labels) + MU * theta
-        hessian = x.T @ (x * (p * (1 - p))[:, None]) + MU * np.eye(x.shape[1])
-        theta -= np.linalg.solve(hessian, gradient)
-    model = build_model("logistic", features.shape[1])
-    with torch.no_grad():
-        model.linear.weight.copy_(torch.tensor(theta[None, :-1]))
-        model.linear.bias.copy_(torch.tensor(theta[-1:]))
-    return model.state_dict()
 
 
 def _train_mlp(features: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
@@ -99,7 +85,7 @@ class Federation:
         pre = self.dataset.preprocessor
         x = pre.transform(self.dataset.train).astype(np.float64)
         y = self.dataset.train[self.dataset.schema.label].to_numpy().astype(np.float64)
-        self.state = _fit(x, y) if run.model == "logistic" else _train_mlp(x, y)
+        self.state = fit_logistic_state(x, y, MU) if run.model == "logistic" else _train_mlp(x, y)
         self.model = build_model(run.model, pre.dimension)
         self.model.load_state_dict(self.state)
         self.opened: list[str] = []

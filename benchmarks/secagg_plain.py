@@ -185,6 +185,16 @@ class _PlainServicer(aggregation_pb2_grpc.AggregationServicer):
     ) -> aggregation_pb2.ReportLedgerResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
 
+    def GetModel(  # noqa: N802
+        self, request: aggregation_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.GetModelResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+
+    def FinishJob(  # noqa: N802
+        self, request: aggregation_pb2.FinishJobRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.FinishJobResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the baseline")
+
 
 def start_plain_server() -> tuple[str, Any, Callable[[str], np.ndarray | None]]:
     """Serve the baseline on a free loopback port.

@@ -7,6 +7,7 @@
     fedlens query releases          list releases (through the Query service)
     fedlens query show ID           one release, its top features and privacy costs
     fedlens query budgets           every site's budget and spend, as the coordinator mirrors it
+    fedlens query submit KIND       ask for an explanation round; query job ID, query jobs
     fedlens explain --input FILE    explain one input (a JSON object of raw feature values)
     fedlens plan                    split a site budget between training and releases
     fedlens client budget           a site's ledger: budget, spend history, what is left
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -38,6 +40,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from fedlens.cli_admin import add_admin_commands
+from fedlens.cli_jobs import add_job_commands
 from fedlens.cli_keys import add_key_commands
 from fedlens.cli_privacy import add_privacy_commands
 from fedlens.errors import ConfigurationError, FedlensError
@@ -90,6 +93,7 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
         tls_key=tls_key,
         access=access,
     )
+    runner = _job_runner(args, aggregator, running.address) if args.flower_connection else None
     console.print(
         f"fedlens server on port {running.port} ({'TLS' if running.tls else 'plaintext'}), "
         f"store {store.url}, {enrolment} enrolment, "
@@ -99,9 +103,29 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
+    if runner is not None:
+        runner.stop(timeout_s=5)
     running.stop()
     store.close()
     return 0
+
+
+def _job_runner(args: argparse.Namespace, aggregator: Any, address: str) -> Any:
+    """Run queued jobs through the Flower app on the SuperLink ``--flower-connection``."""
+    from importlib import resources
+
+    from server.job_runner import FlowerLauncher, JobRunner
+    from server.jobs import JobQueue
+
+    app = args.flower_app or Path(str(resources.files("server") / "flower_project"))
+    runner = JobRunner(
+        JobQueue(aggregator),
+        FlowerLauncher(app, args.flower_connection),
+        deployment={"aggregator": args.job_aggregator or address},
+    )
+    runner.start()
+    console.print(f"running queued jobs through Flower ({args.flower_connection}, app {app})")
+    return runner
 
 
 def _release_table(release: Release, top: int) -> Table:
@@ -312,6 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="require a token for analyst and coordinator calls, or leave every call open "
         "(default: FEDLENS_AUTH, else token)",
     )
+    server.add_argument(
+        "--flower-connection",
+        default="",
+        help="run analysts' jobs on this SuperLink connection (from $FLWR_HOME/config.toml); "
+        "without it jobs stay queued",
+    )
+    server.add_argument(
+        "--flower-app", type=Path, help="the fedlens Flower app directory (default: packaged)"
+    )
+    server.add_argument(
+        "--job-aggregator",
+        default="",
+        help="this server's host:port as the ServerApp reaches it (default: the bound address)",
+    )
     server.set_defaults(func=_cmd_server)
 
     query = sub.add_parser("query", help="read releases through the Query service")
@@ -338,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budgets.add_argument("--site", default="", help="only this site")
     query.set_defaults(func=_cmd_query)
+    add_job_commands(qsub, common)
 
     explain = sub.add_parser(
         "explain", parents=[common], help="explain one input with the global model"

@@ -10,6 +10,7 @@ import grpc
 
 from fedlens import wire
 from fedlens.channels import bearer_metadata, describe_target, open_channel
+from fedlens.jobs import Job, JobRequest
 from fedlens.status_codes import error_from_rpc
 from fedlens.types import InputExplanation, Release, ReleaseSummary, SiteLedger
 from fedlens.v1 import query_pb2, query_pb2_grpc
@@ -89,6 +90,32 @@ class QueryClient:
         """
         request = wire.explain_input_request_to_proto(record, model_id=model_id, top=top)
         return wire.input_explanation_from_proto(self._call(self._stub.ExplainInput, request))
+
+    def submit_job(self, request: JobRequest) -> Job:
+        """Ask the coordinator for an explanation round (or an identical earlier answer).
+
+        Raises
+        ------
+        IntegrityError
+            The request is malformed, too large, or asks for a cohort below the
+            coordinator's minimum (INVALID_ARGUMENT); nothing was spent.
+        BudgetExceededError
+            Some site's mirrored ledger cannot pay for it (RESOURCE_EXHAUSTED); the
+            message names the site.
+        PermissionDeniedError
+            The token's role is below analyst.
+        """
+        reply = self._call(self._stub.SubmitJob, wire.job_request_to_proto(request))
+        return wire.job_from_proto(reply)
+
+    def get_job(self, job_id: str) -> Job:
+        reply = self._call(self._stub.GetJob, query_pb2.GetJobRequest(job_id=job_id))
+        return wire.job_from_proto(reply)
+
+    def list_jobs(self, *, limit: int = 0, state: str = "") -> list[Job]:
+        """Jobs, newest first (only those in ``state`` if given)."""
+        reply = self._call(self._stub.ListJobs, query_pb2.ListJobsRequest(limit=limit, state=state))
+        return [wire.job_from_proto(j) for j in reply.jobs]
 
     def _call(self, method: Callable[..., _Reply], request: Any) -> _Reply:
         try:

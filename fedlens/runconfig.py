@@ -86,6 +86,10 @@ class RunConfig(BaseModel):
     aggregator: str = "127.0.0.1:50151"
     phase_timeout_s: float = Field(90.0, gt=0, alias="phase-timeout")
     out_dir: str = Field("", alias="out-dir")
+    # An analyst's job (server.jobs): the ServerApp skips training, explains the stored
+    # model `job-model-id` and reports the outcome to the coordinator.
+    job_id: str = Field("", alias="job-id")
+    job_model_id: str = Field("", alias="job-model-id")
 
     @property
     def second_order_method(self) -> str:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedlens.errors import ConfigurationError, IntegrityError
+from fedlens.jobs import Job, JobRequest, JobState
 from fedlens.secagg_types import EncryptedShare, RevealedShare, ShareKind, SignedKeys
 from fedlens.types import (
     FeatureAttribution,
@@ -38,6 +39,10 @@ __all__ = [
     "explain_input_request_to_proto",
     "input_explanation_from_proto",
     "input_explanation_to_proto",
+    "job_from_proto",
+    "job_request_from_proto",
+    "job_request_to_proto",
+    "job_to_proto",
     "ledger_event_from_proto",
     "ledger_event_to_proto",
     "masked_submission_from_proto",
@@ -421,4 +426,55 @@ def input_explanation_from_proto(msg: query_pb2.ExplainInputResponse) -> InputEx
         card=msg.card,
         baseline=msg.baseline,
         method=msg.method,
+    )
+
+
+def job_request_to_proto(request: JobRequest) -> query_pb2.SubmitJobRequest:
+    return query_pb2.SubmitJobRequest(
+        kind=request.kind,
+        params=dict(request.params),
+        cohort=request.cohort,
+        query_input=request.query_input,
+    )
+
+
+def job_request_from_proto(msg: query_pb2.SubmitJobRequest) -> JobRequest:
+    return JobRequest(
+        kind=msg.kind,
+        params=dict(msg.params),
+        cohort=msg.cohort,
+        query_input=msg.query_input,
+    )
+
+
+def job_to_proto(job: Job) -> query_pb2.Job:
+    return query_pb2.Job(
+        job_id=job.job_id,
+        kind=job.kind,
+        state=job.state.value,
+        reason=job.reason,
+        release_id=job.release_id,
+        submitted_by=job.submitted_by,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        from_cache=job.from_cache,
+    )
+
+
+def job_from_proto(msg: query_pb2.Job) -> Job:
+    """Raises IntegrityError for an unknown state."""
+    try:
+        state = JobState.parse(msg.state)
+    except ConfigurationError as exc:
+        raise IntegrityError(str(exc)) from None
+    return Job(
+        job_id=msg.job_id,
+        kind=msg.kind,
+        state=state,
+        reason=msg.reason,
+        release_id=msg.release_id,
+        submitted_by=msg.submitted_by,
+        created_at=msg.created_at,
+        updated_at=msg.updated_at,
+        from_cache=msg.from_cache,
     )

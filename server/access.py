@@ -4,8 +4,8 @@ Roles, each allowing what the one below it does:
 
 - ``viewer``: read releases and budgets, explain an input with the stored model;
 - ``analyst``: also submit jobs (explanation rounds);
-- ``admin``: also open rounds, publish models and report ledgers (the coordinator's own
-  ServerApp holds an admin token), and manage tokens.
+- ``admin``: also open rounds, publish and fetch models, report ledgers and finish jobs
+  (the coordinator's own ServerApp holds an admin token), and manage tokens.
 
 Sites do not hold tokens: the secure-aggregation calls are open, and each message is
 authenticated by the protocol itself (Ed25519-signed key advertisements from enrolled
@@ -90,9 +90,14 @@ METHOD_ROLES: dict[str, Role | None] = {
     _QUERY + "GetRelease": Role.VIEWER,
     _QUERY + "ListBudgets": Role.VIEWER,
     _QUERY + "ExplainInput": Role.VIEWER,
+    _QUERY + "GetJob": Role.VIEWER,
+    _QUERY + "ListJobs": Role.VIEWER,
+    _QUERY + "SubmitJob": Role.ANALYST,
     _AGGREGATION + "OpenRound": Role.ADMIN,
     _AGGREGATION + "PublishModel": Role.ADMIN,
     _AGGREGATION + "ReportLedger": Role.ADMIN,
+    _AGGREGATION + "GetModel": Role.ADMIN,
+    _AGGREGATION + "FinishJob": Role.ADMIN,
     **{
         _AGGREGATION + name: None
         for name in (

@@ -8,13 +8,15 @@ rounds themselves are run by :mod:`server.rounds`; analysts' reads are
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
+import torch
 
 from explain import get_kind
 from fedlens.errors import (
@@ -32,7 +34,7 @@ from server.input_explanation import publish_model
 from server.query_handler import QueryHandler, with_epsilon
 from server.round_journal import JournalEntry
 from server.rounds import LiveRound, RoundTable, protocol_params
-from server.storage import Store
+from server.storage import Store, StoredModel
 
 __all__ = ["Aggregator", "QueryHandler"]  # QueryHandler lives in server.query_handler
 
@@ -78,6 +80,11 @@ class Aggregator(RoundTable):
         super().__init__(
             store, identities=identities, enrolment=enrolment, clock=clock, wall_clock=wall_clock
         )
+
+    @property
+    def store(self) -> Store:
+        """The store rounds, releases, mirrored ledgers and models go to."""
+        return self._store
 
     # -- coordinator ---------------------------------------------------------------
 
@@ -132,30 +139,57 @@ class Aggregator(RoundTable):
         if epsilon is None or delta is None:
             return
         try:
-            release = LedgerEvent(
-                kind="gaussian",
-                noise_multiplier=gaussian_noise_multiplier(float(epsilon), float(delta)),
-                label=f"round {spec.round_id}",
-                created_at=self._wall(),
-            )
+            eps, dlt = float(epsilon), float(delta)
         except ValueError as exc:
             raise ConfigurationError(
                 f"round {spec.round_id}: bad epsilon or delta: {exc}"
             ) from None
+        self.check_budgets(spec.site_ids, eps, dlt, what=f"round {spec.round_id}")
+
+    def check_budgets(
+        self,
+        site_ids: Sequence[str],
+        epsilon: float,
+        delta: float,
+        *,
+        releases: int = 1,
+        what: str = "the round",
+    ) -> None:
+        """Refuse ``releases`` Gaussian releases at (ε, δ) that some site's mirrored ledger
+        could not pay for.
+
+        Raises
+        ------
+        ConfigurationError
+            ε or δ is out of range.
+        BudgetExceededError
+            Some site of ``site_ids`` would go past its budget; the message names each
+            such site with what it has spent and what the releases would bring it to.
+        """
+        try:
+            event = LedgerEvent(
+                kind="gaussian",
+                noise_multiplier=gaussian_noise_multiplier(epsilon, delta),
+                label=what,
+                created_at=self._wall(),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"{what}: bad epsilon or delta: {exc}") from None
         short = []
         for mirrored in self._store.site_ledgers():
-            if mirrored.site_id not in spec.site_ids:
+            if mirrored.site_id not in site_ids:
                 continue
             ledger = PrivacyLedger(mirrored.budget_epsilon, mirrored.delta, mirrored.events)
-            after = ledger.epsilon_with(release)
+            after = ledger.epsilon_with_all([event] * releases)
             if after > ledger.budget_epsilon:
                 short.append(
                     f"{mirrored.site_id} (spent ε = {ledger.epsilon_spent():.3f} of "
                     f"{ledger.budget_epsilon:g}; the release would bring it to {after:.3f})"
                 )
         if short:
+            count = "a release" if releases == 1 else f"{releases} releases"
             raise BudgetExceededError(
-                f"round {spec.round_id} refused: a release at ε = {epsilon}, δ = {delta} "
+                f"{what} refused: {count} at ε = {epsilon:g}, δ = {delta:g} "
                 f"does not fit the mirrored ledger of {', '.join(short)}"
             )
 
@@ -180,6 +214,14 @@ class Aggregator(RoundTable):
             raise
         self._audit(actor, "report_ledger", "", "ok", f"site={ledger.site_id} added={added}")
         return with_epsilon(ledger, composed)
+
+    def get_model(self, model_id: str = "") -> tuple[StoredModel, bytes]:
+        """A stored model (the latest if ``model_id`` is empty) and its weights as
+        ``torch.save`` bytes; :class:`NotFoundError` if there is none."""
+        stored = self._store.get_model(model_id) if model_id else self._store.latest_model()
+        buffer = io.BytesIO()
+        torch.save(dict(stored.state), buffer)
+        return stored, buffer.getvalue()
 
     def publish_model(
         self, *, dataset: str, model: str, state: bytes, params: Mapping[str, str]

@@ -1,5 +1,6 @@
 """The fedlens Flower ServerApp: FedAvg training rounds, then one explanation round
 (after a second-order round for the influence kinds, :mod:`server.influence_rounds`).
+With ``job-id`` set it trains nothing and runs an analyst's job (:mod:`server.job_app`).
 
 The explanation round: open a round at the aggregator over gRPC, send ``query.explain``
 to every site with the global model and the round's parameters, and wait until the
@@ -297,6 +298,11 @@ def _write_summary(run: RunConfig, summary: Mapping[str, object]) -> None:
 def main(grid: Grid, context: Context) -> None:
     grid = PollingGrid(grid)
     run = RunConfig.from_flower(context.run_config)
+    if run.job_id:  # an analyst's job: explain the stored model, no training
+        from server.job_app import run_job  # it imports this module
+
+        run_job(grid, run)
+        return
     dataset = load_dataset(run.dataset, seed=run.seed)
     test = dataset.test_data()
     model = build_model(run.model, dataset.preprocessor.dimension, seed=run.seed)

@@ -20,9 +20,10 @@ from fedlens import wire
 from fedlens.channels import server_credentials
 from fedlens.errors import ConfigurationError
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
-from server.access import AccessControl, AccessInterceptor
+from server.access import AccessControl, AccessInterceptor, current_principal
 from server.aggregation import Aggregator, QueryHandler
 from server.errors import ErrorMappingInterceptor
+from server.jobs import JobQueue
 
 __all__ = ["AggregationServicer", "QueryServicer", "RunningServer", "serve"]
 
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
-    def __init__(self, aggregator: Aggregator) -> None:
+    def __init__(self, aggregator: Aggregator, jobs: JobQueue) -> None:
         self._agg = aggregator
+        self._jobs = jobs
 
     def OpenRound(  # noqa: N802 - gRPC method names
         self, request: aggregation_pb2.OpenRoundRequest, context: grpc.ServicerContext
@@ -131,10 +133,34 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
             epsilon_spent=mirrored.epsilon_spent, events=len(mirrored.events)
         )
 
+    def GetModel(  # noqa: N802
+        self, request: aggregation_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.GetModelResponse:
+        stored, state = self._agg.get_model(request.model_id)
+        return aggregation_pb2.GetModelResponse(
+            model_id=stored.model_id,
+            dataset=stored.dataset,
+            model=stored.model,
+            state=state,
+            params=dict(stored.params),
+        )
+
+    def FinishJob(  # noqa: N802
+        self, request: aggregation_pb2.FinishJobRequest, context: grpc.ServicerContext
+    ) -> aggregation_pb2.FinishJobResponse:
+        job = self._jobs.finish(
+            request.job_id,
+            release_id=request.release_id,
+            reason=request.reason,
+            refused=request.refused,
+        )
+        return aggregation_pb2.FinishJobResponse(state=job.state.value)
+
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
-    def __init__(self, handler: QueryHandler) -> None:
+    def __init__(self, handler: QueryHandler, jobs: JobQueue) -> None:
         self._handler = handler
+        self._jobs = jobs
 
     def ListReleases(  # noqa: N802
         self, request: query_pb2.ListReleasesRequest, context: grpc.ServicerContext
@@ -163,6 +189,25 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
         record, model_id, top = wire.explain_input_request_from_proto(request)
         explanation = self._handler.explain_input(record, model_id=model_id, top=top)
         return wire.input_explanation_to_proto(explanation)
+
+    def SubmitJob(  # noqa: N802
+        self, request: query_pb2.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> query_pb2.Job:
+        principal = current_principal.get()
+        who = f"{principal.name} ({principal.token_id})" if principal else "anonymous"
+        job = self._jobs.submit(wire.job_request_from_proto(request), submitted_by=who)
+        return wire.job_to_proto(job)
+
+    def GetJob(  # noqa: N802
+        self, request: query_pb2.GetJobRequest, context: grpc.ServicerContext
+    ) -> query_pb2.Job:
+        return wire.job_to_proto(self._jobs.get(request.job_id))
+
+    def ListJobs(  # noqa: N802
+        self, request: query_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ListJobsResponse:
+        jobs = self._jobs.list_jobs(limit=request.limit, state=request.state)
+        return query_pb2.ListJobsResponse(jobs=[wire.job_to_proto(j) for j in jobs])
 
 
 @dataclass
@@ -198,6 +243,7 @@ def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     access: AccessControl | None = None,
+    jobs: JobQueue | None = None,
 ) -> RunningServer:
     """Start the gRPC server on ``address`` (port 0 picks a free port) and return it.
 
@@ -208,6 +254,9 @@ def serve(
 
     With ``access`` every call is checked against its tokens and roles
     (:mod:`server.access`); without it every call is open, as for a test harness.
+
+    ``jobs`` is the analysts' job queue (:mod:`server.jobs`); by default one on the
+    aggregator's store.
 
     Raises
     ------
@@ -235,8 +284,11 @@ def serve(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    aggregation_pb2_grpc.add_AggregationServicer_to_server(AggregationServicer(aggregator), server)
-    query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(query), server)
+    jobs = jobs if jobs is not None else JobQueue(aggregator)
+    aggregation_pb2_grpc.add_AggregationServicer_to_server(
+        AggregationServicer(aggregator, jobs), server
+    )
+    query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(query, jobs), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):

@@ -101,6 +101,16 @@ class AggregationStub:
                 request_serializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/fedlens.v1.Aggregation/GetModel',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetModelResponse.FromString,
+                _registered_method=True)
+        self.FinishJob = channel.unary_unary(
+                '/fedlens.v1.Aggregation/FinishJob',
+                request_serializer=fedlens_dot_v1_dot_aggregation__pb2.FinishJobRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_aggregation__pb2.FinishJobResponse.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -194,6 +204,23 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """A stored global model (an explanation job's ServerApp explains it without training).
+        NOT_FOUND if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishJob(self, request, context):
+        """The outcome of an analyst's job, from the ServerApp that ran it: done with a
+        release, or refused / failed with the reason. NOT_FOUND for an unknown job,
+        FAILED_PRECONDITION for one that is not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +283,16 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.PublishModel,
                     request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_aggregation__pb2.PublishModelResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.GetModelRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.GetModelResponse.SerializeToString,
+            ),
+            'FinishJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishJob,
+                    request_deserializer=fedlens_dot_v1_dot_aggregation__pb2.FinishJobRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_aggregation__pb2.FinishJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -589,6 +626,60 @@ class Aggregation:
             '/fedlens.v1.Aggregation/PublishModel',
             fedlens_dot_v1_dot_aggregation__pb2.PublishModelRequest.SerializeToString,
             fedlens_dot_v1_dot_aggregation__pb2.PublishModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/GetModel',
+            fedlens_dot_v1_dot_aggregation__pb2.GetModelRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Aggregation/FinishJob',
+            fedlens_dot_v1_dot_aggregation__pb2.FinishJobRequest.SerializeToString,
+            fedlens_dot_v1_dot_aggregation__pb2.FinishJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

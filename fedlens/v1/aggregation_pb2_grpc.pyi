@@ -64,6 +64,15 @@ class AggregationStub:
     analysts can explain their own inputs with it. INVALID_ARGUMENT if the weights do
     not load into the named model for the dataset, or are not finite.
     """
+    GetModel: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.GetModelRequest, _aggregation_pb2.GetModelResponse]
+    """A stored global model (an explanation job's ServerApp explains it without training).
+    NOT_FOUND if there is none.
+    """
+    FinishJob: _grpc.UnaryUnaryMultiCallable[_aggregation_pb2.FinishJobRequest, _aggregation_pb2.FinishJobResponse]
+    """The outcome of an analyst's job, from the ServerApp that ran it: done with a
+    release, or refused / failed with the reason. NOT_FOUND for an unknown job,
+    FAILED_PRECONDITION for one that is not running.
+    """
 
 @_typing.type_check_only
 class AggregationAsyncStub(AggregationStub):
@@ -100,6 +109,15 @@ class AggregationAsyncStub(AggregationStub):
     """Store the trained global model (DP-SGD output: serving it costs no privacy), so that
     analysts can explain their own inputs with it. INVALID_ARGUMENT if the weights do
     not load into the named model for the dataset, or are not finite.
+    """
+    GetModel: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.GetModelRequest, _aggregation_pb2.GetModelResponse]  # type: ignore[assignment]
+    """A stored global model (an explanation job's ServerApp explains it without training).
+    NOT_FOUND if there is none.
+    """
+    FinishJob: _aio.UnaryUnaryMultiCallable[_aggregation_pb2.FinishJobRequest, _aggregation_pb2.FinishJobResponse]  # type: ignore[assignment]
+    """The outcome of an analyst's job, from the ServerApp that ran it: done with a
+    release, or refused / failed with the reason. NOT_FOUND for an unknown job,
+    FAILED_PRECONDITION for one that is not running.
     """
 
 class AggregationServicer(metaclass=_abc_1.ABCMeta):
@@ -206,6 +224,27 @@ class AggregationServicer(metaclass=_abc_1.ABCMeta):
         """Store the trained global model (DP-SGD output: serving it costs no privacy), so that
         analysts can explain their own inputs with it. INVALID_ARGUMENT if the weights do
         not load into the named model for the dataset, or are not finite.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _aggregation_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.GetModelResponse, _abc.Awaitable[_aggregation_pb2.GetModelResponse]]:
+        """A stored global model (an explanation job's ServerApp explains it without training).
+        NOT_FOUND if there is none.
+        """
+
+    @_abc_1.abstractmethod
+    def FinishJob(
+        self,
+        request: _aggregation_pb2.FinishJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregation_pb2.FinishJobResponse, _abc.Awaitable[_aggregation_pb2.FinishJobResponse]]:
+        """The outcome of an analyst's job, from the ServerApp that ran it: done with a
+        release, or refused / failed with the reason. NOT_FOUND for an unknown job,
+        FAILED_PRECONDITION for one that is not running.
         """
 
 def add_AggregationServicer_to_server(servicer: AggregationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

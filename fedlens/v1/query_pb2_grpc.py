@@ -55,6 +55,21 @@ class QueryStub:
                 request_serializer=fedlens_dot_v1_dot_query__pb2.ExplainInputRequest.SerializeToString,
                 response_deserializer=fedlens_dot_v1_dot_query__pb2.ExplainInputResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/fedlens.v1.Query/SubmitJob',
+                request_serializer=fedlens_dot_v1_dot_query__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_query__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/fedlens.v1.Query/GetJob',
+                request_serializer=fedlens_dot_v1_dot_query__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_query__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/fedlens.v1.Query/ListJobs',
+                request_serializer=fedlens_dot_v1_dot_query__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=fedlens_dot_v1_dot_query__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -89,6 +104,27 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Ask a question the stored releases do not answer yet: the coordinator validates it,
+        checks every mirrored site ledger can pay for it, and queues an explanation round
+        (or answers an identical earlier question from its release, at no privacy cost).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +147,21 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.ExplainInput,
                     request_deserializer=fedlens_dot_v1_dot_query__pb2.ExplainInputRequest.FromString,
                     response_serializer=fedlens_dot_v1_dot_query__pb2.ExplainInputResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=fedlens_dot_v1_dot_query__pb2.SubmitJobRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_query__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=fedlens_dot_v1_dot_query__pb2.GetJobRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_query__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=fedlens_dot_v1_dot_query__pb2.ListJobsRequest.FromString,
+                    response_serializer=fedlens_dot_v1_dot_query__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +273,87 @@ class Query:
             '/fedlens.v1.Query/ExplainInput',
             fedlens_dot_v1_dot_query__pb2.ExplainInputRequest.SerializeToString,
             fedlens_dot_v1_dot_query__pb2.ExplainInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Query/SubmitJob',
+            fedlens_dot_v1_dot_query__pb2.SubmitJobRequest.SerializeToString,
+            fedlens_dot_v1_dot_query__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Query/GetJob',
+            fedlens_dot_v1_dot_query__pb2.GetJobRequest.SerializeToString,
+            fedlens_dot_v1_dot_query__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlens.v1.Query/ListJobs',
+            fedlens_dot_v1_dot_query__pb2.ListJobsRequest.SerializeToString,
+            fedlens_dot_v1_dot_query__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,13 @@ class QueryStub:
     attributions, a counterfactual and a plain-language card. Uses only the model and
     released statistics, so it costs no privacy.
     """
+    SubmitJob: _grpc.UnaryUnaryMultiCallable[_query_pb2.SubmitJobRequest, _query_pb2.Job]
+    """Ask a question the stored releases do not answer yet: the coordinator validates it,
+    checks every mirrored site ledger can pay for it, and queues an explanation round
+    (or answers an identical earlier question from its release, at no privacy cost).
+    """
+    GetJob: _grpc.UnaryUnaryMultiCallable[_query_pb2.GetJobRequest, _query_pb2.Job]
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_query_pb2.ListJobsRequest, _query_pb2.ListJobsResponse]
 
 @_typing.type_check_only
 class QueryAsyncStub(QueryStub):
@@ -57,6 +64,13 @@ class QueryAsyncStub(QueryStub):
     attributions, a counterfactual and a plain-language card. Uses only the model and
     released statistics, so it costs no privacy.
     """
+    SubmitJob: _aio.UnaryUnaryMultiCallable[_query_pb2.SubmitJobRequest, _query_pb2.Job]  # type: ignore[assignment]
+    """Ask a question the stored releases do not answer yet: the coordinator validates it,
+    checks every mirrored site ledger can pay for it, and queues an explanation round
+    (or answers an identical earlier question from its release, at no privacy cost).
+    """
+    GetJob: _aio.UnaryUnaryMultiCallable[_query_pb2.GetJobRequest, _query_pb2.Job]  # type: ignore[assignment]
+    ListJobs: _aio.UnaryUnaryMultiCallable[_query_pb2.ListJobsRequest, _query_pb2.ListJobsResponse]  # type: ignore[assignment]
 
 class QueryServicer(metaclass=_abc_1.ABCMeta):
     """Read access to aggregated, privacy-accounted releases. Queries cost no privacy."""
@@ -93,5 +107,30 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
         attributions, a counterfactual and a plain-language card. Uses only the model and
         released statistics, so it costs no privacy.
         """
+
+    @_abc_1.abstractmethod
+    def SubmitJob(
+        self,
+        request: _query_pb2.SubmitJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.Job, _abc.Awaitable[_query_pb2.Job]]:
+        """Ask a question the stored releases do not answer yet: the coordinator validates it,
+        checks every mirrored site ledger can pay for it, and queues an explanation round
+        (or answers an identical earlier question from its release, at no privacy cost).
+        """
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _query_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.Job, _abc.Awaitable[_query_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _query_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.ListJobsResponse, _abc.Awaitable[_query_pb2.ListJobsResponse]]: ...
 
 def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,11 +65,29 @@ def open_engine(url: str) -> Engine:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _write_ahead_log(cursor)
     # In WAL mode, NORMAL makes every commit durable against the process being killed
     # (what a restart recovers from); only a power loss may undo the last commits.
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _write_ahead_log(cursor: sqlite3.Cursor, *, wait_s: float = 10.0) -> None:
+    """Switch the database to WAL (it stays so), waiting for other connections if need be.
+
+    Switching needs the database to itself, and SQLite reports a busy database at once
+    rather than waiting for it: a new database that several processes open together would
+    otherwise refuse all but the first.
+    """
+    give_up = time.monotonic() + wait_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.01)
 
 
 class UtcDateTime(TypeDecorator[datetime]):

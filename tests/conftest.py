@@ -3,8 +3,8 @@
 A test that takes ``database_url`` gets a fresh SQLite file. Marked ``both_backends``, it
 runs twice: on SQLite and on a fresh database of a real PostgreSQL server, which the session
 installs if needed, starts once and stops at its end (:mod:`tests.postgres_server`). If
-PostgreSQL cannot be installed or started those runs fail; they are never skipped. Deselect
-them explicitly with ``-m 'not postgresql'``.
+PostgreSQL cannot be installed or started those runs fail; they are never skipped. Leave
+them out explicitly with ``-m 'not slow and not postgresql'``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,16 +48,28 @@ class FlowerLauncher:
         A SuperLink connection named in ``$FLWR_HOME/config.toml``.
     timeout_s
         Longest a run may take before it is given up.
+    env
+        The environment of ``flwr`` (this process's by default).
     """
 
-    def __init__(self, app_dir: Path, connection: str, *, timeout_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        app_dir: Path,
+        connection: str,
+        *,
+        timeout_s: float = 3600.0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         if not (app_dir / "pyproject.toml").is_file():
             raise ConfigurationError(f"{app_dir} holds no Flower app (pyproject.toml)")
         self.app_dir, self.connection, self.timeout_s = app_dir, connection, timeout_s
+        self.env = dict(env) if env is not None else None
+        beside = Path(sys.executable).parent / "flwr"
+        self.flwr = str(beside) if beside.exists() else "flwr"
 
     def __call__(self, run_config: dict[str, Any]) -> str:
         pairs = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        cmd = ["flwr", "run", str(self.app_dir), self.connection, "--stream"]
+        cmd = [self.flwr, "run", str(self.app_dir), self.connection, "--stream"]
         try:
             done = subprocess.run(
                 [*cmd, "--run-config", pairs],
@@ -64,6 +77,7 @@ class FlowerLauncher:
                 text=True,
                 timeout=self.timeout_s,
                 check=False,
+                env=self.env,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"flwr run did not complete: {exc}"

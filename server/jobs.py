@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import JSON, Boolean, String, Text, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from explain import get_kind
 from fedlens.datasets import load_dataset
@@ -81,7 +81,6 @@ ANALYST_KEYS = frozenset(
 _FACTOR_KINDS = frozenset({"hessian", "kfac", "ekfac"})
 MAX_PARAMS = 32
 MAX_TEXT = 4096
-_AUDIT_ACTION = "submit_job"
 
 
 class _Base(DeclarativeBase):
@@ -209,19 +208,13 @@ class JobQueue:
             raise
         now = self._now()
         with self._store.session() as s:
-            cached = s.scalars(
-                select(_JobRow)
-                .where(_JobRow.cache_key == key, _JobRow.state == JobState.DONE.value)
-                .where(_JobRow.release_id != "")
-                .order_by(_JobRow.created_at)
-                .limit(1)
-            ).first()
+            cached = self._answered(s, key)
             row = _JobRow(
                 job_id=job_id,
                 kind=request.kind,
                 state=(JobState.DONE if cached else JobState.QUEUED).value,
                 reason="",
-                release_id=cached.release_id if cached else "",
+                release_id=cached or "",
                 submitted_by=clip_text(submitted_by, 256),
                 created_at=now,
                 updated_at=now,
@@ -260,10 +253,15 @@ class JobQueue:
     def claim_next(self) -> tuple[Job, dict[str, Any]] | None:
         """Mark the oldest queued job running; it and its Flower run configuration.
 
-        ``None`` if nothing is queued. A job is claimed once, even by racing runners.
+        ``None`` if nothing is queued. A job is claimed once, even by racing runners. A
+        queued job whose twin (an identical question) was answered while it waited is
+        answered from the twin's release instead, with no run.
         """
+        answered: list[tuple[str, str]] = []
+        job: Job | None = None
+        config: dict[str, Any] = {}
         with self._store.session() as s:
-            while True:
+            while job is None:
                 row = s.scalars(
                     select(_JobRow)
                     .where(_JobRow.state == JobState.QUEUED.value)
@@ -271,21 +269,43 @@ class JobQueue:
                     .limit(1)
                 ).first()
                 if row is None:
-                    return None
+                    break
+                twin = self._answered(s, row.cache_key)
+                values: dict[str, Any] = {"state": JobState.RUNNING.value}
+                if twin is not None:
+                    values = {"state": JobState.DONE.value, "release_id": twin, "from_cache": True}
                 # Only one runner's update finds the job still queued.
                 claimed = s.execute(
                     update(_JobRow)
                     .where(_JobRow.job_id == row.job_id, _JobRow.state == JobState.QUEUED.value)
-                    .values(state=JobState.RUNNING.value, updated_at=self._now())
+                    .values(updated_at=self._now(), **values)
                     .execution_options(synchronize_session=False)
                 )
-                if getattr(claimed, "rowcount", 0) == 1:
-                    s.refresh(row)
-                    break
-            config = dict(row.run_config) | {"job-id": row.job_id, "job-model-id": row.model_id}
-            job = _job(row)
-        self._audit("runner", job.job_id, "running", job.kind)
+                if getattr(claimed, "rowcount", 0) != 1:
+                    continue
+                if twin is not None:
+                    answered.append((row.job_id, twin))
+                    continue
+                s.refresh(row)
+                config = dict(row.run_config) | {"job-id": row.job_id, "job-model-id": row.model_id}
+                job = _job(row)
+        for job_id, release_id in answered:
+            self._audit("runner", job_id, "cached", f"answered from release {release_id}", run=True)
+        if job is None:
+            return None
+        self._audit("runner", job.job_id, "running", job.kind, run=True)
         return job, config
+
+    @staticmethod
+    def _answered(s: Session, cache_key: str) -> str | None:
+        """The release of the first done job with this question, if any."""
+        return s.scalars(
+            select(_JobRow.release_id)
+            .where(_JobRow.cache_key == cache_key, _JobRow.state == JobState.DONE.value)
+            .where(_JobRow.release_id != "")
+            .order_by(_JobRow.created_at)
+            .limit(1)
+        ).first()
 
     def finish(
         self, job_id: str, *, release_id: str = "", reason: str = "", refused: bool = False
@@ -316,7 +336,7 @@ class JobQueue:
             row.reason = clip_text(reason or ("" if release_id else "no reason given"), 2000)
             row.updated_at = self._now()
             job = _job(row)
-        self._audit("runner", job_id, state.value, release_id or reason)
+        self._audit("runner", job_id, state.value, release_id or reason, run=True)
         return job
 
     # -- checks --------------------------------------------------------------------
@@ -402,12 +422,14 @@ class JobQueue:
         except ValidationError as exc:
             raise ConfigurationError(validation_message("job", exc)) from None
 
-    def _audit(self, actor: str, job_id: str, outcome: str, detail: str) -> None:
+    def _audit(
+        self, actor: str, job_id: str, outcome: str, detail: str, *, run: bool = False
+    ) -> None:
         try:
             self._store.audit(
                 now=self._now(),
                 actor=actor,
-                action=_AUDIT_ACTION if outcome in ("refused", "queued", "cached") else "run_job",
+                action="run_job" if run else "submit_job",
                 outcome=outcome,
                 round_id=f"job-{job_id}",
                 detail=detail,

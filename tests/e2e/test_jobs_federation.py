@@ -9,16 +9,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from fedlens.jobs import Job, JobRequest, JobState
 from fedlens.query_client import QueryClient
 from fedlens.runconfig import RunConfig
 from server.access import AccessControl, Role
 from server.aggregation import Aggregator, QueryHandler
-from server.deployment import LocalFederation, SiteSpec
+from server.deployment import CONNECTION, LocalFederation, SiteSpec
 from server.grpc_server import serve
-from server.job_runner import JobRunner
+from server.job_runner import FlowerLauncher, JobRunner
 from server.jobs import JobQueue
 from server.storage import Store
 
@@ -34,7 +32,6 @@ def _wait(client: QueryClient, job_id: str, timeout_s: float) -> Job:
     return job
 
 
-@pytest.mark.slow
 def test_a_job_runs_through_flower_and_its_twin_is_answered_from_cache(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'fedlens.db'}")
     access = AccessControl(store)
@@ -69,12 +66,6 @@ def test_a_job_runs_through_flower_and_its_twin_is_answered_from_cache(tmp_path:
     federation = LocalFederation(tmp_path / "flower", sites)
     # The ServerApp's token, from its environment (never the run configuration).
     federation.env["FEDLENS_TOKEN"] = admin
-    runner = JobRunner(
-        jobs,
-        lambda config: str(federation.run(config, timeout_s=600)),
-        deployment={"aggregator": server.address, "phase-timeout": 60.0},
-        poll_s=0.5,
-    )
     try:
         with federation, QueryClient(server.address, token=analyst) as client:
             trained = federation.run(training.to_flower(), timeout_s=600)
@@ -83,6 +74,16 @@ def test_a_job_runs_through_flower_and_its_twin_is_answered_from_cache(tmp_path:
             before = {m.site_id: len(m.events) for m in client.list_budgets()}
             assert before == {"site-0": 2, "site-1": 2}  # one training round, one release
 
+            # The launcher `fedlens server --flower-connection` uses: flwr run on the SuperLink.
+            launcher = FlowerLauncher(
+                federation.app_dir, CONNECTION, timeout_s=600, env=federation.env
+            )
+            runner = JobRunner(
+                jobs,
+                launcher,
+                deployment={"aggregator": server.address, "phase-timeout": 60.0},
+                poll_s=0.5,
+            )
             question = JobRequest("global_attribution", {"ig-steps": "8"})
             job = client.submit_job(question)
             assert job.state is JobState.QUEUED and job.submitted_by.startswith("ana (")
@@ -105,7 +106,6 @@ def test_a_job_runs_through_flower_and_its_twin_is_answered_from_cache(tmp_path:
                 s: m.events for s, m in after.items()
             }
     finally:
-        runner.stop(timeout_s=5)
         server.stop()
         store.close()
     # The job's audit trail: queued, running, done; the twin answered from cache.

@@ -361,3 +361,22 @@ def test_cli_submits_lists_and_shows_jobs(
     assert "the record lacks the features" in capsys.readouterr().err
     assert main(["query", "submit", "feature_stats", "--param", "oops", *common]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_twin_queued_while_its_question_ran_is_answered_without_a_run(
+    coord: Coordinator,
+) -> None:
+    with coord.client(Role.ANALYST) as client:
+        first = client.submit_job(JobRequest("feature_stats"))
+        twin = client.submit_job(JobRequest("feature_stats", {"explain-epsilon": "1"}))
+        assert twin.state is JobState.QUEUED  # the first is not answered yet
+        claimed = coord.jobs.claim_next()
+        assert claimed is not None and claimed[0].job_id == first.job_id
+        coord.release("r2", kind="feature_stats")
+        coord.jobs.finish(first.job_id, release_id="r2")
+        assert coord.jobs.claim_next() is None  # the twin needs no run
+        answered = client.get_job(twin.job_id)
+    assert answered.state is JobState.DONE and answered.from_cache
+    assert answered.release_id == "r2"
+    trail = [(e.action, e.outcome) for e in coord.store.audit_entries() if "job" in e.action]
+    assert trail[-2:] == [("run_job", "done"), ("run_job", "cached")]

@@ -85,6 +85,7 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
             settings.admin_token.get_secret_value(),
             now=datetime.now(UTC),
         )
+    launcher = _flower_launcher(args) if args.flower_connection else None
     running = serve(
         aggregator,
         QueryHandler(store),
@@ -93,7 +94,9 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
         tls_key=tls_key,
         access=access,
     )
-    runner = _job_runner(args, aggregator, running.address) if args.flower_connection else None
+    runner = None
+    if launcher is not None:
+        runner = _job_runner(launcher, aggregator, args.job_aggregator or running.address)
     console.print(
         f"fedlens server on port {running.port} ({'TLS' if running.tls else 'plaintext'}), "
         f"store {store.url}, {enrolment} enrolment, "
@@ -110,21 +113,27 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _job_runner(args: argparse.Namespace, aggregator: Any, address: str) -> Any:
-    """Run queued jobs through the Flower app on the SuperLink ``--flower-connection``."""
+def _flower_launcher(args: argparse.Namespace) -> Any:
+    """``flwr run`` of the fedlens app on the SuperLink ``--flower-connection`` (checked
+    before the server binds its port)."""
     from importlib import resources
 
-    from server.job_runner import FlowerLauncher, JobRunner
-    from server.jobs import JobQueue
+    from server.job_runner import FlowerLauncher
 
     app = args.flower_app or Path(str(resources.files("server") / "flower_project"))
-    runner = JobRunner(
-        JobQueue(aggregator),
-        FlowerLauncher(app, args.flower_connection),
-        deployment={"aggregator": args.job_aggregator or address},
-    )
+    return FlowerLauncher(app, args.flower_connection)
+
+
+def _job_runner(launcher: Any, aggregator: Any, address: str) -> Any:
+    """Run queued jobs one at a time through ``launcher``, in a thread of this process."""
+    from server.job_runner import JobRunner
+    from server.jobs import JobQueue
+
+    runner = JobRunner(JobQueue(aggregator), launcher, deployment={"aggregator": address})
     runner.start()
-    console.print(f"running queued jobs through Flower ({args.flower_connection}, app {app})")
+    console.print(
+        f"running queued jobs through Flower ({launcher.connection}, app {launcher.app_dir})"
+    )
     return runner
 
 

@@ -37,8 +37,8 @@ SITES = ("site-0", "site-1", "site-2")
 
 
 class Coordinator:
-    def __init__(self, tmp: Path) -> None:
-        self.store = Store(f"sqlite:///{tmp / 'fedlens.db'}")
+    def __init__(self, url: str) -> None:
+        self.store = Store(url)
         self.access = AccessControl(self.store)
         self.aggregator = Aggregator(self.store)
         self.jobs = JobQueue(self.aggregator, min_cohort_size=50)
@@ -108,12 +108,13 @@ class Coordinator:
 
 
 @pytest.fixture
-def coord(tmp_path: Path) -> Iterator[Coordinator]:
-    c = Coordinator(tmp_path)
+def coord(database_url: str) -> Iterator[Coordinator]:
+    c = Coordinator(database_url)
     yield c
     c.close()
 
 
+@pytest.mark.both_backends
 def test_an_analyst_submits_a_job_that_is_queued_and_audited(coord: Coordinator) -> None:
     with coord.client(Role.ANALYST) as client:
         job = client.submit_job(
@@ -166,7 +167,10 @@ def test_a_viewer_may_not_submit_and_nothing_is_stored_or_charged(coord: Coordin
         (JobRequest("feature_stats", {"explain-epsilon": "lots"}), "explain-epsilon"),
         (JobRequest("global_attribution", cohort="{not json"), "cohort is not valid JSON"),
         (JobRequest("global_attribution", cohort="[1, 2]"), "cohort must be a JSON object"),
-        (JobRequest("global_attribution", cohort='{"height": [1, 2]}'), "height"),
+        (
+            JobRequest("global_attribution", cohort='{"height": [1, 2]}'),
+            "cohort names unknown feature 'height'",
+        ),
         (JobRequest("feature_stats", cohort='{"age": [1, 2]}'), "global_attribution only"),
         (
             JobRequest("global_attribution", {"min-cohort-size": "5"}),
@@ -174,7 +178,7 @@ def test_a_viewer_may_not_submit_and_nothing_is_stored_or_charged(coord: Coordin
         ),
         (JobRequest("global_attribution", {"explain-method": "magic"}), "explain-method"),
         (JobRequest("feature_stats", query_input="{}"), "influence kinds only"),
-        (JobRequest("group_influence", query_input='{"x": 1}'), "x"),
+        (JobRequest("group_influence", query_input='{"x": 1}'), "unknown features 'x'"),
         (JobRequest("group_influence", {"influence-group-by": "shoe_size"}), "shoe_size"),
         (JobRequest("group_influence", {"influence-method": "tracin"}), "tracin"),
         (JobRequest("global_attribution", cohort="x" * (MAX_TEXT + 1)), "at most 4096"),
@@ -210,7 +214,7 @@ def test_status_codes_of_refusals(coord: Coordinator) -> None:
 
 
 def test_a_job_some_site_cannot_afford_is_refused_naming_the_site(tmp_path: Path) -> None:
-    c = Coordinator(tmp_path)
+    c = Coordinator(f"sqlite:///{tmp_path / 'fedlens.db'}")
     try:
         c.mirror("site-poor", budget=0.5)
         with c.client(Role.ANALYST) as client:
@@ -226,7 +230,7 @@ def test_a_job_some_site_cannot_afford_is_refused_naming_the_site(tmp_path: Path
 
 
 def test_influence_jobs_are_priced_for_every_release_they_need(tmp_path: Path) -> None:
-    c = Coordinator(tmp_path)
+    c = Coordinator(f"sqlite:///{tmp_path / 'fedlens.db'}")
     try:
         release = LedgerEvent(
             kind="gaussian",
@@ -250,6 +254,7 @@ def test_influence_jobs_are_priced_for_every_release_they_need(tmp_path: Path) -
         c.close()
 
 
+@pytest.mark.both_backends
 def test_an_identical_question_is_answered_from_the_stored_release(coord: Coordinator) -> None:
     cohort = '{"mean radius": [10, 15]}'
     with coord.client(Role.ANALYST) as client:
@@ -290,6 +295,7 @@ def test_an_identical_question_is_answered_from_the_stored_release(coord: Coordi
     assert outcomes == ["queued", "cached", "queued", "queued", "queued"]
 
 
+@pytest.mark.both_backends
 def test_only_admins_finish_jobs_and_only_running_ones(coord: Coordinator) -> None:
     with coord.client(Role.ANALYST) as client:
         job = client.submit_job(JobRequest("feature_stats"))
@@ -363,6 +369,7 @@ def test_cli_submits_lists_and_shows_jobs(
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.both_backends
 def test_a_twin_queued_while_its_question_ran_is_answered_without_a_run(
     coord: Coordinator,
 ) -> None:

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from sqlalchemy import DateTime, LargeBinary, String, select
+from sqlalchemy import LargeBinary, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from fedlens.errors import (
@@ -49,6 +49,7 @@ from fedlens.errors import (
     RateLimitedError,
 )
 from fedlens.status_codes import status_code_for
+from server.database import UtcDateTime
 from server.storage import Store
 
 __all__ = [
@@ -149,8 +150,8 @@ class _TokenRow(_Base):
     name: Mapped[str] = mapped_column(String(128))
     role: Mapped[str] = mapped_column(String(16))
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 def _hash(secret: str) -> bytes:

@@ -223,3 +223,21 @@ def test_a_provisioned_admin_token_works_once_registered(tmp_path: Path) -> None
         with pytest.raises(ConfigurationError, match="fl_<16 hex digits>"):
             access.provision("ops", Role.ADMIN, bad, now=NOW)
     assert len(access.tokens()) == 1
+
+
+@pytest.mark.both_backends
+def test_tokens_issue_authenticate_and_revoke_on_each_backend(database_url: str) -> None:
+    store = Store(database_url)
+    try:
+        access = AccessControl(store)
+        principal, token = access.issue("ana", Role.ANALYST, now=NOW)
+        assert access.authenticate(token) == principal
+        access.revoke(principal.token_id, now=NOW)
+        with pytest.raises(AuthenticationError, match="revoked"):
+            access.authenticate(token)
+        ((listed, issued, revoked),) = access.tokens()
+        assert listed == principal
+        # Naive UTC on every backend, as the rest of the store reads times back.
+        assert issued == NOW.replace(tzinfo=None) and revoked == NOW.replace(tzinfo=None)
+    finally:
+        store.close()

@@ -237,7 +237,9 @@ def calibrate_shares(
     if not math.isfinite(total):
         raise ConfigurationError(f"noise_multiplier * sensitivity overflows: {z} * {delta}")
     share = total / math.sqrt(m)
-    while share * share * m < total * total:
+    # Rounded up until m shares carry the whole variance however it is evaluated
+    # (x ** 2 and x * x may round differently).
+    while share * share * m < total * total or share**2 * m < total**2:
         share = math.nextafter(share, math.inf)
     if m >= 2 and share < 0.5:
         raise ConfigurationError(

@@ -36,6 +36,16 @@ def add_admin_commands(sub: Any) -> None:
     issue.set_defaults(func=_cmd_issue)
     listing = tsub.add_parser("list", parents=[common], help="every token, never its secret")
     listing.set_defaults(func=_cmd_list)
+    allowance = tsub.add_parser(
+        "allowance",
+        parents=[common],
+        help="cap the ε a token's jobs may spend in all, on top of the sites' budgets",
+    )
+    allowance.add_argument("token_id")
+    cap = allowance.add_mutually_exclusive_group(required=True)
+    cap.add_argument("--epsilon", type=float, help="the cap, summed over the token's jobs")
+    cap.add_argument("--none", action="store_true", help="remove the cap")
+    allowance.set_defaults(func=_cmd_allowance)
     revoke = tsub.add_parser("revoke", parents=[common], help="revoke a token by its id")
     revoke.add_argument("token_id")
     revoke.set_defaults(func=_cmd_revoke)
@@ -109,4 +119,12 @@ def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
     principal = _access(args, settings).revoke(args.token_id, now=datetime.now(UTC))
     console.print(f"token {principal.token_id} of {principal.name} revoked")
+    return 0
+
+
+def _cmd_allowance(args: argparse.Namespace, settings: Settings) -> int:
+    epsilon = None if args.none else float(args.epsilon)
+    _access(args, settings).set_allowance(args.token_id, epsilon, now=datetime.now(UTC))
+    cap = "no cap" if epsilon is None else f"ε = {epsilon:g} in all"
+    console.print(f"token {args.token_id}: jobs may spend {cap}")
     return 0

@@ -28,6 +28,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -37,7 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from sqlalchemy import LargeBinary, String, select
+from sqlalchemy import Float, LargeBinary, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from fedlens.errors import (
@@ -152,6 +153,14 @@ class _TokenRow(_Base):
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class _AllowanceRow(_Base):
+    __tablename__ = "analyst_allowances"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 def _hash(secret: str) -> bytes:
@@ -269,6 +278,37 @@ class AccessControl:
             principal = Principal(row.token_id, row.name, Role.parse(row.role))
         self._audit(now, "admin", "revoke_token", "ok", token_id)
         return principal
+
+    def set_allowance(self, token_id: str, epsilon: float | None, *, now: datetime) -> None:
+        """Cap the ε a token's jobs may spend in all (None: no cap beyond the sites' budgets).
+
+        Raises
+        ------
+        ConfigurationError
+            ``epsilon`` is not finite and >= 0.
+        NotFoundError
+            No such token.
+        """
+        if epsilon is not None and (not math.isfinite(epsilon) or epsilon < 0):
+            raise ConfigurationError(f"an allowance must be a finite ε >= 0, got {epsilon!r}")
+        with self._store.session() as s:
+            if s.get(_TokenRow, token_id) is None:
+                raise NotFoundError(f"no token {token_id!r}")
+            row = s.get(_AllowanceRow, token_id)
+            if epsilon is None:
+                if row is not None:
+                    s.delete(row)
+            elif row is None:
+                s.add(_AllowanceRow(token_id=token_id, epsilon=epsilon, updated_at=now))
+            else:
+                row.epsilon, row.updated_at = epsilon, now
+        self._audit(now, "admin", "set_allowance", "ok", f"{token_id}: {epsilon}")
+
+    def allowance(self, token_id: str) -> float | None:
+        """The ε a token's jobs may spend in all, or None if uncapped."""
+        with self._store.session() as s:
+            row = s.get(_AllowanceRow, token_id)
+            return None if row is None else float(row.epsilon)
 
     def tokens(self) -> list[tuple[Principal, datetime, datetime | None]]:
         """Every token: who holds it, when it was issued and revoked (never the secret)."""

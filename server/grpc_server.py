@@ -158,9 +158,12 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
 
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
-    def __init__(self, handler: QueryHandler, jobs: JobQueue) -> None:
+    def __init__(
+        self, handler: QueryHandler, jobs: JobQueue, access: AccessControl | None = None
+    ) -> None:
         self._handler = handler
         self._jobs = jobs
+        self._access = access
 
     def ListReleases(  # noqa: N802
         self, request: query_pb2.ListReleasesRequest, context: grpc.ServicerContext
@@ -195,7 +198,14 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
     ) -> query_pb2.Job:
         principal = current_principal.get()
         who = f"{principal.name} ({principal.token_id})" if principal else "anonymous"
-        job = self._jobs.submit(wire.job_request_from_proto(request), submitted_by=who)
+        allowance = (
+            self._access.allowance(principal.token_id)
+            if principal is not None and self._access is not None
+            else None
+        )
+        job = self._jobs.submit(
+            wire.job_request_from_proto(request), submitted_by=who, allowance=allowance
+        )
         return wire.job_to_proto(job)
 
     def GetJob(  # noqa: N802
@@ -288,7 +298,7 @@ def serve(
     aggregation_pb2_grpc.add_AggregationServicer_to_server(
         AggregationServicer(aggregator, jobs), server
     )
-    query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(query, jobs), server)
+    query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(query, jobs, access), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):

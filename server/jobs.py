@@ -41,6 +41,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from explain import get_kind
 from fedlens.datasets import load_dataset
 from fedlens.errors import (
+    BudgetExceededError,
     ConfigurationError,
     FedlensError,
     NotFoundError,
@@ -188,8 +189,15 @@ class JobQueue:
 
     # -- analysts ------------------------------------------------------------------
 
-    def submit(self, request: JobRequest, *, submitted_by: str) -> Job:
+    def submit(
+        self, request: JobRequest, *, submitted_by: str, allowance: float | None = None
+    ) -> Job:
         """Check, price and queue ``request`` (or answer it from an identical job).
+
+        ``allowance`` caps the ε the submitter's jobs may spend in all, on top of the
+        sites' budgets: each job that was not answered from a stored release (and did
+        not fail or get refused) counts ``releases * explain-epsilon``, composed
+        additively, an upper bound on what it costs any site.
 
         Raises
         ------
@@ -198,7 +206,8 @@ class JobQueue:
         NotFoundError
             No trained model is stored yet.
         BudgetExceededError
-            Some site's mirrored ledger cannot pay for the job's releases.
+            Some site's mirrored ledger cannot pay for the job's releases, or the job
+            would take the submitter past its allowance.
         """
         job_id = uuid.uuid4().hex
         try:
@@ -207,30 +216,61 @@ class JobQueue:
             self._audit(submitted_by, job_id, "refused", f"{request.kind[:64]}: {exc}")
             raise
         now = self._now()
-        with self._store.session() as s:
-            cached = self._answered(s, key)
-            row = _JobRow(
-                job_id=job_id,
-                kind=request.kind,
-                state=(JobState.DONE if cached else JobState.QUEUED).value,
-                reason="",
-                release_id=cached or "",
-                submitted_by=clip_text(submitted_by, 256),
-                created_at=now,
-                updated_at=now,
-                from_cache=cached is not None,
-                cache_key=key,
-                model_id=model_id,
-                run_config=run.to_flower(),
-            )
-            s.add(row)
-            job = _job(row)
+        try:
+            with self._store.session() as s:
+                cached = self._answered(s, key)
+                if cached is None and allowance is not None:
+                    self._check_allowance(s, submitted_by, allowance, run)
+                row = _JobRow(
+                    job_id=job_id,
+                    kind=request.kind,
+                    state=(JobState.DONE if cached else JobState.QUEUED).value,
+                    reason="",
+                    release_id=cached or "",
+                    submitted_by=clip_text(submitted_by, 256),
+                    created_at=now,
+                    updated_at=now,
+                    from_cache=cached is not None,
+                    cache_key=key,
+                    model_id=model_id,
+                    run_config=run.to_flower(),
+                )
+                s.add(row)
+                job = _job(row)
+        except BudgetExceededError as exc:
+            self._audit(submitted_by, job_id, "refused", f"{request.kind[:64]}: {exc}")
+            raise
         if cached is not None:
             detail = f"{request.kind}: answered from release {job.release_id}, nothing spent"
             self._audit(submitted_by, job_id, "cached", detail)
         else:
             self._audit(submitted_by, job_id, "queued", f"{request.kind} on model {model_id}")
         return job
+
+    @staticmethod
+    def _cost(run: RunConfig) -> float:
+        return run.releases * run.explain_epsilon
+
+    def _check_allowance(
+        self, session: Session, submitted_by: str, allowance: float, run: RunConfig
+    ) -> None:
+        rows = session.scalars(
+            select(_JobRow).where(
+                _JobRow.submitted_by == clip_text(submitted_by, 256),
+                _JobRow.from_cache.is_(False),
+                _JobRow.state.in_(
+                    [JobState.QUEUED.value, JobState.RUNNING.value, JobState.DONE.value]
+                ),
+            )
+        ).all()
+        used = sum(self._cost(RunConfig.from_flower(r.run_config)) for r in rows)
+        needed = self._cost(run)
+        if used + needed > allowance * (1 + 1e-12):
+            raise BudgetExceededError(
+                f"{submitted_by}'s allowance is ε = {allowance:g}: {len(rows)} job(s) took "
+                f"ε = {used:g} and this one needs ε = {needed:g} "
+                f"({run.releases} release(s) at ε = {run.explain_epsilon:g}). Nothing was spent"
+            )
 
     def get(self, job_id: str) -> Job:
         with self._store.session() as s:

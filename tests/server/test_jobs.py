@@ -15,6 +15,7 @@ import pytest
 from fedlens.datasets import load_dataset
 from fedlens.errors import (
     BudgetExceededError,
+    ConfigurationError,
     IntegrityError,
     NotFoundError,
     PermissionDeniedError,
@@ -387,3 +388,34 @@ def test_a_twin_queued_while_its_question_ran_is_answered_without_a_run(
     assert answered.release_id == "r2"
     trail = [(e.action, e.outcome) for e in coord.store.audit_entries() if "job" in e.action]
     assert trail[-2:] == [("run_job", "done"), ("run_job", "cached")]
+
+
+def test_an_analysts_allowance_caps_its_jobs_on_top_of_the_site_budgets(
+    coord: Coordinator,
+) -> None:
+    analyst_id = coord.tokens[Role.ANALYST].split("_")[1]
+    coord.access.set_allowance(analyst_id, 1.0, now=NOW)
+    assert coord.access.allowance(analyst_id) == 1.0
+    with coord.client(Role.ANALYST) as client:
+        first = client.submit_job(JobRequest("global_attribution", {"explain-epsilon": "0.6"}))
+        assert first.state is JobState.QUEUED
+        # 0.6 + 0.6 > 1.0: refused, nothing stored, the refusal audited.
+        with pytest.raises(BudgetExceededError, match=r"allowance is ε = 1: 1 job\(s\) took"):
+            client.submit_job(JobRequest("feature_stats", {"explain-epsilon": "0.6"}))
+        assert [j.job_id for j in client.list_jobs()] == [first.job_id]  # none stored
+        second = client.submit_job(JobRequest("feature_stats", {"explain-epsilon": "0.4"}))
+        assert second.state is JobState.QUEUED
+    refusals = [d for outcome, d in coord.submissions() if outcome == "refused"]
+    assert any("allowance" in d for d in refusals)
+    # The admin's token has no allowance: uncapped.
+    with coord.client(Role.ADMIN) as admin:
+        assert (
+            admin.submit_job(JobRequest("global_attribution", {"explain-epsilon": "0.7"})).state
+            is JobState.QUEUED
+        )
+    coord.access.set_allowance(analyst_id, None, now=NOW)
+    assert coord.access.allowance(analyst_id) is None
+    with pytest.raises(ConfigurationError, match="finite"):
+        coord.access.set_allowance(analyst_id, float("nan"), now=NOW)
+    with pytest.raises(NotFoundError):
+        coord.access.set_allowance("0" * 16, 1.0, now=NOW)

@@ -42,8 +42,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def remember_site(state_dir: Path, run: Mapping[str, object], node: Mapping[str, object]) -> None:
     """Keep the run and node configuration, so the site's records can be loaded again."""
-    payload = json.dumps({"run": dict(run), "node": dict(node)}, indent=2, default=str)
-    _write_atomic(state_dir / SITE_FILE, payload.encode())
+    payload = json.dumps({"run": dict(run), "node": dict(node)}, indent=2, default=str).encode()
+    path = state_dir / SITE_FILE
+    if not path.exists() or path.read_bytes() != payload:  # a site is built per message
+        _write_atomic(path, payload)
 
 
 def remember_model(state_dir: Path, state: Mapping[str, torch.Tensor]) -> None:

@@ -159,7 +159,7 @@ def _cost_table(release: Release) -> Table:
 def _token(args: argparse.Namespace, settings: Settings) -> str | None:
     if args.token:
         return str(args.token)
-    return settings.token.get_secret_value() if settings.token else None
+    return settings.token_value
 
 
 def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:

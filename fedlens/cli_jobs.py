@@ -63,7 +63,7 @@ def add_job_commands(qsub: Any, common: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace, settings: Settings) -> Any:
     from fedlens.query_client import QueryClient
 
-    token = args.token or (settings.token.get_secret_value() if settings.token else None)
+    token = args.token or settings.token_value
     return QueryClient(
         args.address or settings.aggregator_address,
         tls_ca=args.tls_ca or settings.tls_ca,

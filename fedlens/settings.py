@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     # An admin token the coordinator registers at start-up (a deployment's shared secret).
     admin_token: SecretStr | None = None
 
+    @property
+    def token_value(self) -> str | None:
+        """``FEDLENS_TOKEN`` in the clear, for the call metadata; None if unset."""
+        return self.token.get_secret_value() if self.token is not None else None
+
     @field_validator("tls_cert", "tls_key", "tls_ca", "token", "admin_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -103,8 +103,7 @@ class TrackingFedAvg(FedAvg):
 def coordinator_metadata() -> tuple[tuple[str, str], ...]:
     """The coordinator's token (``FEDLENS_TOKEN`` in the ServerApp's environment, never in
     the run configuration, which every site receives), as call metadata."""
-    token = Settings().token
-    return bearer_metadata(token.get_secret_value() if token else None)
+    return bearer_metadata(Settings().token_value)
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:

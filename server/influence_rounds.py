@@ -231,10 +231,7 @@ def run_influence(
         statuses.append(status)
         if status.phase is not RoundPhase.COMPLETE:
             return [*statuses, _failed(status, f"the {kind} round did not complete")]
-        token = Settings().token
-        with QueryClient(
-            run.aggregator, timeout_s=60, token=token.get_secret_value() if token else None
-        ) as client:
+        with QueryClient(run.aggregator, timeout_s=60, token=Settings().token_value) as client:
             release = client.get_release(status.release_id)
         try:
             inputs = (

@@ -70,10 +70,7 @@ def _explain(
     dataset = load_dataset(stored.dataset, seed=run.seed)
     model = build_model(stored.model, dataset.preprocessor.dimension)
     model.load_state_dict(torch.load(io.BytesIO(stored.state), weights_only=True))
-    token = Settings().token
-    with QueryClient(
-        run.aggregator, timeout_s=60, token=token.get_secret_value() if token else None
-    ) as client:
+    with QueryClient(run.aggregator, timeout_s=60, token=Settings().token_value) as client:
         sites = sorted(ledger.site_id for ledger in client.list_budgets())
     nodes = _wait_for_nodes(grid, len(sites), run.phase_timeout_s)
     # Every site receives the whole list and finds itself in it; which node is which is

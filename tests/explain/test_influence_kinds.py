@@ -324,7 +324,8 @@ def sensitivity_setup(name: str, method: str) -> tuple[nn.Module, dict[str, str]
     """Model, params and clip bound that make clipping bind for most records.
 
     The second-order kinds get a float64 copy of their model here, so that the check is
-    about clipping and scaling; float32 models are the subject of the xfail test below.
+    about clipping and scaling; the float32 model a site holds is checked by
+    test_the_bound_holds_for_the_float32_model_a_site_holds.
     """
     if name in SECOND_ORDER:
         params = second_order_params(name)

@@ -67,6 +67,7 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     from server.aggregation import Aggregator, QueryHandler
     from server.grpc_server import serve
     from server.identities import IdentityRegistry
+    from server.jobs import JobQueue
     from server.storage import Store
 
     tls_cert = args.tls_cert or settings.tls_cert
@@ -86,28 +87,45 @@ def _cmd_server(args: argparse.Namespace, settings: Settings) -> int:
             now=datetime.now(UTC),
         )
     launcher = _flower_launcher(args) if args.flower_connection else None
+    query = QueryHandler(store)
+    jobs = JobQueue(aggregator)
     running = serve(
         aggregator,
-        QueryHandler(store),
+        query,
         address=args.address,
         tls_cert=tls_cert,
         tls_key=tls_key,
         access=access,
+        jobs=jobs,
     )
+    dashboard_address = args.dashboard or settings.dashboard
+    dashboard = None
+    if dashboard_address:
+        from server.dashboard import start_dashboard
+
+        try:
+            dashboard = start_dashboard(query, jobs, access, address=dashboard_address)
+        except ConfigurationError:
+            running.stop()
+            raise
     runner = None
     if launcher is not None:
-        runner = _job_runner(launcher, aggregator, args.job_aggregator or running.address)
+        runner = _job_runner(launcher, jobs, args.job_aggregator or running.address)
     console.print(
         f"fedlens server on port {running.port} ({'TLS' if running.tls else 'plaintext'}), "
         f"store {store.url}, {enrolment} enrolment, "
         f"{'tokens required' if auth == 'token' else 'NO access control'} (Ctrl-C stops)"
     )
+    if dashboard is not None:
+        console.print(f"dashboard on {dashboard.url}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
     if runner is not None:
         runner.stop(timeout_s=5)
+    if dashboard is not None:
+        dashboard.stop()
     running.stop()
     store.close()
     return 0
@@ -124,12 +142,11 @@ def _flower_launcher(args: argparse.Namespace) -> Any:
     return FlowerLauncher(app, args.flower_connection)
 
 
-def _job_runner(launcher: Any, aggregator: Any, address: str) -> Any:
+def _job_runner(launcher: Any, jobs: Any, address: str) -> Any:
     """Run queued jobs one at a time through ``launcher``, in a thread of this process."""
     from server.job_runner import JobRunner
-    from server.jobs import JobQueue
 
-    runner = JobRunner(JobQueue(aggregator), launcher, deployment={"aggregator": address})
+    runner = JobRunner(jobs, launcher, deployment={"aggregator": address})
     runner.start()
     console.print(
         f"running queued jobs through Flower ({launcher.connection}, app {launcher.app_dir})"
@@ -358,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--job-aggregator",
         default="",
         help="this server's host:port as the ServerApp reaches it (default: the bound address)",
+    )
+    server.add_argument(
+        "--dashboard",
+        default="",
+        metavar="HOST:PORT",
+        help="also serve the web dashboard on this address, e.g. 127.0.0.1:8151 "
+        "(default: FEDLENS_DASHBOARD, else none)",
     )
     server.set_defaults(func=_cmd_server)
 

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     site identity keys. ``FEDLENS_TLS_CERT`` and ``FEDLENS_TLS_KEY`` are the
     coordinator's certificate chain and private key (PEM); ``FEDLENS_TLS_CA`` is the CA
     certificate clients trust. Unset, the gRPC channel is plaintext.
+
+    ``FEDLENS_DASHBOARD`` is the ``host:port`` the coordinator serves its web dashboard
+    on; empty (the default), it serves none.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDLENS_")
@@ -46,6 +49,8 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
     # An admin token the coordinator registers at start-up (a deployment's shared secret).
     admin_token: SecretStr | None = None
+    # host:port of the coordinator's web dashboard; "" serves none.
+    dashboard: str = ""
 
     @property
     def token_value(self) -> str | None:
@@ -57,9 +62,11 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("aggregator_address")
+    @field_validator("aggregator_address", "dashboard")
     @classmethod
     def _host_port(cls, value: str) -> str:
+        if value == "":
+            return value
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"must be host:port, got {value!r}")

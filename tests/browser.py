@@ -1,0 +1,130 @@
+"""Headless Chromium for the dashboard's browser tests, installed if the machine lacks it.
+
+The test session asks for it once (the ``chromium`` fixture in
+``tests/server/test_dashboard_browser.py``); by hand::
+
+    .venv/bin/python -m tests.browser        # prints the browser and driver it found
+
+Without ``chromium`` and ``chromedriver`` (on the ``PATH``, or Debian's ``/usr/bin``) it runs
+``apt-get update`` and ``apt-get install -y chromium chromium-driver`` (as root, or through
+``sudo -n``), waiting for another apt-get's lock rather than failing on it. With
+``FEDLENS_TEST_CHROMIUM`` and ``FEDLENS_TEST_CHROMEDRIVER`` set, those binaries are used and
+nothing is installed.
+
+The browser starts with the flags a closed network needs: no background networking, no
+component updates, no sync, no first-run page, so it never reaches for a host outside the
+machine, and a fresh profile directory per test session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BrowserError", "ChromiumBinaries", "find", "install", "launch_flags"]
+
+ENV_BROWSER = "FEDLENS_TEST_CHROMIUM"
+ENV_DRIVER = "FEDLENS_TEST_CHROMEDRIVER"
+_BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
+_PACKAGES = ("chromium", "chromium-driver")
+
+
+class BrowserError(RuntimeError):
+    """Chromium or its driver could not be found or installed."""
+
+
+@dataclass(frozen=True)
+class ChromiumBinaries:
+    browser: Path
+    driver: Path
+
+
+def find() -> ChromiumBinaries | None:
+    """The browser and driver on this machine, or None if either is missing."""
+    browser_env, driver_env = os.environ.get(ENV_BROWSER), os.environ.get(ENV_DRIVER)
+    if browser_env and driver_env:
+        return ChromiumBinaries(Path(browser_env), Path(driver_env))
+    browser = next((p for p in map(shutil.which, _BROWSER_NAMES) if p), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        return None
+    return ChromiumBinaries(Path(browser), Path(driver))
+
+
+def install() -> ChromiumBinaries:
+    """Install Debian's ``chromium`` and ``chromium-driver`` with apt-get."""
+    if shutil.which("apt-get") is None:
+        raise BrowserError(
+            "Chromium and chromedriver are not installed and there is no apt-get to install "
+            f"them: install both, or set {ENV_BROWSER} and {ENV_DRIVER}"
+        )
+    prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            raise BrowserError(
+                "Chromium is not installed and installing it needs root: run "
+                f"`apt-get install -y {' '.join(_PACKAGES)}` as root"
+            )
+        prefix = ["sudo", "-n", *prefix]
+    wait_for_lock = ["-o", "DPkg::Lock::Timeout=900"]
+    print("installing Chromium and chromedriver with apt-get ...", file=sys.stderr)
+    _run([*prefix, "apt-get", *wait_for_lock, "update"], timeout=900)
+    _run(
+        [
+            *prefix,
+            "apt-get",
+            *wait_for_lock,
+            "install",
+            "-y",
+            "--no-install-recommends",
+            *_PACKAGES,
+        ],
+        timeout=1800,
+    )
+    found = find()
+    if found is None:
+        raise BrowserError("apt-get installed chromium but chromium or chromedriver is not on PATH")
+    return found
+
+
+def find_or_install() -> ChromiumBinaries:
+    return find() or install()
+
+
+def launch_flags(profile_dir: Path) -> list[str]:
+    """Chromium's command-line flags for a headless run on a machine with no outside network."""
+    return [
+        "--headless=new",
+        "--no-sandbox",  # the tests may run as root, where Chromium's sandbox refuses to start
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--window-size=1280,900",
+        f"--user-data-dir={profile_dir}",
+    ]
+
+
+def _run(command: list[str], *, timeout: float) -> None:
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
+    except subprocess.CalledProcessError as exc:
+        raise BrowserError(
+            f"{' '.join(command)} failed ({exc.returncode}): {exc.stderr.strip()[-2000:]}"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise BrowserError(f"{' '.join(command)} took longer than {timeout:.0f} s") from None
+
+
+if __name__ == "__main__":
+    binaries = find_or_install()
+    print(f"browser {binaries.browser}\ndriver  {binaries.driver}")

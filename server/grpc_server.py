@@ -24,6 +24,7 @@ from server.access import AccessControl, AccessInterceptor, current_principal
 from server.aggregation import Aggregator, QueryHandler
 from server.errors import ErrorMappingInterceptor
 from server.jobs import JobQueue
+from server.query_handler import LruCache
 
 __all__ = ["AggregationServicer", "QueryServicer", "RunningServer", "serve"]
 
@@ -158,25 +159,55 @@ class AggregationServicer(aggregation_pb2_grpc.AggregationServicer):
 
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
+    """The analysts' Query service.
+
+    Encoded answers are kept, bounded (least recently used go first): a release's by its
+    id, since a stored release never changes, and a listing's by its limit, kind and the
+    store's release version, which :meth:`server.query_handler.QueryHandler.release_listing`
+    checks on every call (so a new release, saved by any process, shows at once). A kept
+    message is shared by every call that answers it and is never mutated.
+
+    Parameters
+    ----------
+    cached_releases, cached_listings
+        How many encoded releases and listings to keep; 0 keeps none.
+    """
+
     def __init__(
-        self, handler: QueryHandler, jobs: JobQueue, access: AccessControl | None = None
+        self,
+        handler: QueryHandler,
+        jobs: JobQueue,
+        access: AccessControl | None = None,
+        *,
+        cached_releases: int = 512,
+        cached_listings: int = 64,
     ) -> None:
         self._handler = handler
         self._jobs = jobs
         self._access = access
+        self._releases: LruCache[str, query_pb2.Release] = LruCache(cached_releases)
+        self._listings: LruCache[tuple[int, int, str], query_pb2.ListReleasesResponse] = LruCache(
+            cached_listings
+        )
 
     def ListReleases(  # noqa: N802
         self, request: query_pb2.ListReleasesRequest, context: grpc.ServicerContext
     ) -> query_pb2.ListReleasesResponse:
-        summaries = self._handler.list_releases(limit=request.limit, kind=request.kind)
-        return query_pb2.ListReleasesResponse(
-            releases=[wire.release_summary_to_proto(s) for s in summaries]
+        listing = self._handler.release_listing(limit=request.limit, kind=request.kind)
+        return self._listings.get_or_compute(
+            (listing.version, listing.limit, listing.kind),
+            lambda: query_pb2.ListReleasesResponse(
+                releases=[wire.release_summary_to_proto(s) for s in listing.summaries]
+            ),
         )
 
     def GetRelease(  # noqa: N802
         self, request: query_pb2.GetReleaseRequest, context: grpc.ServicerContext
     ) -> query_pb2.Release:
-        return wire.release_to_proto(self._handler.get_release(request.release_id))
+        release_id = request.release_id
+        return self._releases.get_or_compute(
+            release_id, lambda: wire.release_to_proto(self._handler.get_release(release_id))
+        )
 
     def ListBudgets(  # noqa: N802
         self, request: query_pb2.ListBudgetsRequest, context: grpc.ServicerContext

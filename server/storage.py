@@ -88,6 +88,9 @@ class _ReleaseRow(_Base):
     )
 
 
+_RELEASE_COUNT = select(func.count()).select_from(_ReleaseRow)
+
+
 class _CostRow(_Base):
     __tablename__ = "release_costs"
 
@@ -348,6 +351,20 @@ class Store:
             if row is None:
                 raise NotFoundError(f"no release {release_id!r}")
             return _release_from_row(row)
+
+    def release_version(self) -> int:
+        """How many releases the database holds: a version of the set of releases.
+
+        Releases are never changed or deleted once saved, so this number grows with every
+        release saved by any process or :class:`Store` on the database, and an unchanged
+        number means an unchanged set. One cheap query, for caches of release listings
+        (:class:`server.query_handler.QueryHandler`) to compare against.
+        """
+        try:
+            with self._engine.connect() as conn:
+                return int(conn.execute(_RELEASE_COUNT).scalar_one())
+        except SQLAlchemyError as exc:
+            raise StorageError(f"store operation failed: {exc}") from exc
 
     def list_releases(self, *, limit: int = 100, kind: str = "") -> list[ReleaseSummary]:
         """Newest first; one query reading only the summary columns and each cost count

@@ -19,6 +19,16 @@ the audit log with the method and the caller, never the token.
 
 Rate limits are per token: a bucket of ``burst`` calls refilled at ``rate`` calls per
 second (the clock is a parameter, so tests need no sleeping).
+
+A token that authenticates is remembered for ``token_ttl`` seconds (5 by default), so that
+a busy caller costs no database read per call. The guarantee: a revocation made through
+the same :class:`AccessControl` takes effect at once, including for calls already
+authenticating (what they read before the revocation is not remembered); one made
+anywhere else — ``fedlens admin token revoke`` in another process, or another
+:class:`AccessControl` on the same database — takes effect within ``token_ttl`` seconds.
+Only successes are remembered, by token id with the SHA-256 of the secret, and a
+presented secret is still compared with it in constant time. ``token_ttl=0`` reads the
+database on every call.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -173,6 +183,13 @@ class _Bucket:
     at: float
 
 
+@dataclass(frozen=True)
+class _Authenticated:
+    principal: Principal
+    secret_hash: bytes = field(repr=False)
+    until: float  # on the AccessControl's clock
+
+
 class AccessControl:
     """Tokens in the coordinator's database, and the per-token rate limits.
 
@@ -184,7 +201,11 @@ class AccessControl:
     rate, burst
         Calls per second each token may make on average, and in a burst.
     clock
-        Monotonic seconds, for the rate limits.
+        Monotonic seconds, for the rate limits and for how long a token is remembered.
+    token_ttl
+        Seconds an authenticated token is remembered (see the module doc); 0: never.
+    remembered_tokens
+        The most tokens remembered at once; past it, the longest remembered is forgotten.
     """
 
     def __init__(
@@ -194,13 +215,23 @@ class AccessControl:
         rate: float = 50.0,
         burst: int = 100,
         clock: Callable[[], float] = time.monotonic,
+        token_ttl: float = 5.0,
+        remembered_tokens: int = 4096,
     ) -> None:
         if not rate > 0 or burst < 1:
             raise ConfigurationError(f"rate must be > 0 and burst >= 1, got {rate}, {burst}")
+        if not (math.isfinite(token_ttl) and token_ttl >= 0) or remembered_tokens < 1:
+            raise ConfigurationError(
+                "token_ttl must be finite and >= 0 and remembered_tokens >= 1, "
+                f"got {token_ttl}, {remembered_tokens}"
+            )
         self._store = store
         self._rate, self._burst, self._clock = rate, burst, clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
+        self._token_ttl, self._remembered_tokens = token_ttl, remembered_tokens
+        self._remembered: dict[str, _Authenticated] = {}
+        self._revocations = 0  # bumped by every revoke, so a read it overtook is not kept
         store.create_tables(_Base.metadata, "access_tokens table")
 
     def issue(self, name: str, role: Role, *, now: datetime) -> tuple[Principal, str]:
@@ -276,6 +307,9 @@ class AccessControl:
                 raise NotFoundError(f"no token {token_id!r}")
             row.revoked_at = row.revoked_at or now
             principal = Principal(row.token_id, row.name, Role.parse(row.role))
+        with self._lock:  # after the commit: a read from here on sees the revocation
+            self._revocations += 1
+            self._remembered.pop(token_id, None)
         self._audit(now, "admin", "revoke_token", "ok", token_id)
         return principal
 
@@ -319,20 +353,51 @@ class AccessControl:
                 for r in rows
             ]
 
-    def authenticate(self, token: str) -> Principal:
-        """The holder of ``token``; AuthenticationError for a malformed, unknown or revoked one."""
+    def authenticate(self, token: str, *, now: float | None = None) -> Principal:
+        """The holder of ``token``; AuthenticationError for a malformed, unknown or revoked one.
+
+        ``now`` is the time on the ``clock`` (read if None): a token authenticated within
+        ``token_ttl`` seconds before it is not read from the database again (module doc).
+        """
         if not token.startswith(_PREFIX) or token.count("_") < 2:
             raise AuthenticationError("malformed token: expected fl_<id>_<secret>")
         token_id, _, secret = token[len(_PREFIX) :].partition("_")
+        at = self._clock() if now is None else now
+        presented = _hash(secret)
+        with self._lock:
+            known = self._remembered.get(token_id)
+            revocations = self._revocations
+        if (
+            known is not None
+            and at < known.until
+            and hmac.compare_digest(known.secret_hash, presented)
+        ):
+            return known.principal
         with self._store.session() as s:
             row = s.get(_TokenRow, token_id)
             stored = row.secret_hash if row is not None else _hash("")
-            valid = hmac.compare_digest(stored, _hash(secret)) and row is not None
+            valid = hmac.compare_digest(stored, presented) and row is not None
             if not valid or row is None:
                 raise AuthenticationError("unknown token")
             if row.revoked_at is not None:
+                with self._lock:
+                    self._remembered.pop(token_id, None)
                 raise AuthenticationError(f"token {token_id} was revoked")
-            return Principal(row.token_id, row.name, Role.parse(row.role))
+            principal = Principal(row.token_id, row.name, Role.parse(row.role))
+        self._remember(_Authenticated(principal, stored, at + self._token_ttl), revocations)
+        return principal
+
+    def _remember(self, entry: _Authenticated, revocations: int) -> None:
+        if self._token_ttl <= 0:
+            return
+        with self._lock:
+            if self._revocations != revocations:  # a revocation overtook the read
+                return
+            remembered = self._remembered
+            remembered.pop(entry.principal.token_id, None)
+            while len(remembered) >= self._remembered_tokens:
+                del remembered[next(iter(remembered))]  # the longest remembered
+            remembered[entry.principal.token_id] = entry
 
     def admit(self, principal: Principal, method: str, needed: Role) -> None:
         """Refuse a role below ``needed`` or a caller over its rate."""

@@ -98,6 +98,8 @@ def _num(x: float) -> str:
         return "not a number"
     if math.isinf(x):
         return "infinite" if x > 0 else "\u2212infinite"
+    if 1000 <= abs(x) < 1e9:
+        return f"{x:,.0f}".replace("-", "\u2212")
     text = f"{x:.3g}"
     if "e" in text:
         mantissa, exponent = text.split("e")
@@ -132,9 +134,10 @@ def interval_text(v: ReleasedValue) -> str:
 
 
 def _svg(title: str, width: int, height: int, body: Iterable[str]) -> str:
+    # Inline SVG in HTML needs no namespace declaration, and a report holds no URL at all.
     t = _esc(title)
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{t}" '
+        f'<svg role="img" aria-label="{t}" '
         f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
         f'font-family="system-ui, sans-serif" font-size="{_FONT}">'
         f"<title>{t}</title>" + "".join(body) + "</svg>"
@@ -175,7 +178,7 @@ def _domain(rows: Sequence[ReleasedValue], *, zero: bool = True) -> tuple[float,
 
 def _label_width(labels: Iterable[str]) -> int:
     longest = max((len(_short(s)) for s in labels), default=4)
-    return int(min(max(longest * 7.2 + 12, 80), 300))
+    return int(min(max(longest * 8.0 + 14, 80), 340))
 
 
 def _bar_chart(
@@ -650,6 +653,7 @@ def _self_influence_figures(release: Release, top: int) -> list[Figure]:
                 "The share of each group's records whose self-influence is high enough to "
                 "deserve a look at their site.",
                 top,
+                labels=lambda s: s.partition("/share>=")[0],
             )
         )
     return figures or _generic_figures(release, top)
@@ -958,9 +962,8 @@ def release_section_html(release: Release) -> str:
     ]
     if release.kind in _SECOND_ORDER:
         parts.append(
-            '<p class="note">This release holds second-order factors (curvature of the '
-            "model's loss) that influence jobs use to estimate which training data matters. "
-            "They are not meant to be read on their own, so there is no plot.</p>"
+            '<p class="note">No plot: second-order factors are an input to influence jobs, '
+            "not a result to read.</p>"
         )
     else:
         figures = release_figures(release)

@@ -1,41 +1,60 @@
 """Latency of the analysts' Query service under concurrent load, against gRPC's own floor.
 
     python -m benchmarks.query --json OUT [--releases 200] [--analysts 50] [--seconds 20]
-        [--client-processes 2] [--profile-seconds 5]
+        [--think-ms 100] [--saturation-seconds 10] [--client-processes 2]
+        [--profile-seconds 5]
 
 The coordinator's gRPC services (:func:`server.grpc_server.serve` with the real
 :class:`server.aggregation.Aggregator` and :class:`server.aggregation.QueryHandler`, its
 default thread pool) run in a process of their own, over a SQLite store in a temporary
-directory. Before it starts, ``--releases`` releases are written to that store with
-:meth:`server.storage.Store.save_release`, each shaped like a ``feature_stats`` release
-of the Adult data: 100 released values, 24 grouped values, the costs of 4 sites and a
-few parameters, each behind a completed round.
+directory, with access control on as ``fedlens server`` runs by default (``--auth
+token``): :class:`server.access.AccessControl` with its default rate limit (50 calls/s,
+burst 100, per token) and token cache. Before it starts, ``--releases`` releases are
+written to that store with :meth:`server.storage.Store.save_release`, each shaped like a
+``feature_stats`` release of the Adult data: 100 released values, 24 grouped values, the
+costs of 4 sites and a few parameters, each behind a completed round; and each analyst
+is issued a ``viewer`` token of its own (the least role that reads releases).
 
 ``--analysts`` analysts then run for ``--seconds`` seconds, spread over
 ``--client-processes`` processes (threads within each, so the load generator neither
 shares the server's GIL nor puts all analysts behind one). Each analyst has its own
-:class:`fedlens.query_client.QueryClient` and its own channel to the health service,
-and loops over: ``ListReleases`` (limit 20), ``GetRelease`` of a stored id drawn at
-random, and the gRPC health ``Check``. Every call's wall-clock latency is recorded as
-the analyst sees it, decoding into fedlens types included; a call that raises is an
-error.
+:class:`fedlens.query_client.QueryClient` presenting its token, and its own channel to
+the health service, and loops over: ``ListReleases`` (limit 20), ``GetRelease`` of a
+stored id drawn at random, and the gRPC health ``Check``. Every call's wall-clock latency
+is recorded as the analyst sees it, decoding into fedlens types included; a call that
+raises (before the clock starts too) is an error.
+
+**Load model.** After every call the analyst pauses for a time drawn from an exponential
+distribution of mean ``--think-ms`` (100 ms by default): it reads the answer before it
+asks again. 100 ms is far shorter than a person reading a release; it stands for a
+scripted analyst or a dashboard fetching a page's releases, so each analyst still offers
+about 10 calls per second. The headline ``p50_ms``, ``p99_ms`` and ``rps`` are measured
+under this load. A closed loop with no think time measures something else: on 2 cores it
+saturates the machine, and then every analyst always has one call in flight, so by
+Little's law the mean latency is just analysts / throughput whatever the server does.
+That run follows for ``--saturation-seconds`` and is reported under ``saturation``
+(its Query ``rps``, ``p50_ms`` and ``p99_ms``, with ``littles_law_mean_ms`` beside the
+measured mean of all calls); there, an analyst faster than 50 calls/s meets the rate
+limit, whose refusals are errors counted apart as ``rate_limited``.
 
 The health check is the **baseline**: a call that does no work in the server, on the
-same channels, threads and load. It waits for the same pool of server worker threads as
-the Query calls, so under load it measures gRPC plus that queue, and
-``p99_ratio_to_health`` says how far the Query calls are above it. Right after, the same
-analysts call health alone for ``min(seconds, 5)`` seconds (``health_only``): gRPC's own
-cost at this concurrency on this machine, with no Query work in the server, against
-which ``p99_ratio_to_health_only`` compares the Query calls.
-``calls``, ``p50_ms``, ``p99_ms`` and ``rps`` at the top level cover the Query calls
-(``ListReleases`` and ``GetRelease``) only; ``per_call`` has every call type, health
-included. The issue's target is ``p99_ms <= 20`` with no errors (``target_met``). The
-server also reports how long its Query handlers took (wall clock, from the servicer
-method's entry to its return), which separates handler time from queueing for one of
-the server's worker threads and transport.
+same channels, threads and load, and not behind a token (health is open). It waits for
+the same pool of server worker threads as the Query calls, so under load it measures gRPC
+plus that queue, and ``p99_ratio_to_health`` says how far the Query calls are above it.
+Right after, the same analysts call health alone for ``min(seconds, 5)`` seconds with the
+same think time (``health_only``): gRPC's own cost under this load on this machine, with
+no Query work in the server, against which ``p99_ratio_to_health_only`` compares the
+Query calls. ``calls``, ``p50_ms``, ``p99_ms`` and ``rps`` at the top level cover the
+Query calls (``ListReleases`` and ``GetRelease``) only; ``per_call`` has every call type,
+health included. The issue's target is ``p99_ms <= 20`` with no errors (``target_met``).
+The server also reports how long its Query handlers took (wall clock, from the servicer
+method's entry to its return, after the token check), which separates handler time from
+authentication, queueing for one of the server's worker threads and transport.
 
-Everything shares the machine's cores (``cores`` in the output): the load generator
-competes with the server, as an analyst's client on the same host would; the CPU that
+Everything shares the machine's cores (``cores`` in the output) with the load generator,
+as an analyst's client on the same host would, and with whatever else runs on the host:
+the load averages before and after are recorded (``load_average_before``,
+``load_average_after``; ``load_average_1min`` is the latter's first), and the CPU that
 each side used during the measured seconds is reported (``cores_busy``). When the target
 is missed, the same load runs again for ``--profile-seconds`` with every Query handler
 thread under cProfile (CPU time of the thread, merged over threads); the functions with
@@ -86,6 +105,9 @@ VALUES_PER_RELEASE = 100
 GROUPED_PER_RELEASE = 24
 PROFILE_TOP = 15
 HEALTH_ONLY_SECONDS = 5.0
+#: Mean pause of an analyst after each call (exponential), in milliseconds.
+DEFAULT_THINK_MS = 100.0
+DEFAULT_SATURATION_SECONDS = 10.0
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -129,6 +151,21 @@ def make_release(index: int, rng: random.Random, created_at: datetime) -> Releas
         costs=costs,
         params={"dataset": "adult", "epsilon": str(epsilon), "delta": "1e-06", "clip": "1.0"},
     )
+
+
+def issue_tokens(db: Path, count: int) -> list[str]:
+    """One viewer token for each of ``count`` analysts, as ``fedlens admin token issue``
+    would give them (viewer is the least role that reads releases)."""
+    from server.access import AccessControl, Role
+    from server.storage import Store
+
+    store = Store(f"sqlite:///{db}")
+    try:
+        access = AccessControl(store)
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        return [access.issue(f"analyst-{a:03d}", Role.VIEWER, now=now)[1] for a in range(count)]
+    finally:
+        store.close()
 
 
 def store_releases(db: Path, count: int, *, seed: int = 0) -> list[str]:
@@ -258,6 +295,7 @@ def _server_main(conn: Connection, db: str) -> None:
     """
     logging.basicConfig(level=logging.WARNING)
     from server import grpc_server
+    from server.access import AccessControl
     from server.aggregation import Aggregator, QueryHandler
     from server.storage import Store
 
@@ -266,7 +304,9 @@ def _server_main(conn: Connection, db: str) -> None:
         method = getattr(grpc_server.QueryServicer, name)
         setattr(grpc_server.QueryServicer, name, handlers.wrap(name, method))
     store = Store(f"sqlite:///{db}")
-    running = grpc_server.serve(Aggregator(store), QueryHandler(store))
+    # As `fedlens server` runs by default (--auth token): its defaults for rates and caches.
+    access = AccessControl(store)
+    running = grpc_server.serve(Aggregator(store), QueryHandler(store), access=access)
     conn.send(running.address)
     cpu = [0.0, 0.0]
     sampler = threading.Thread()
@@ -351,6 +391,8 @@ def _analyst(
     address: str,
     release_ids: Sequence[str],
     seed: int,
+    token: str,
+    think_s: float,
     mix: Sequence[str],
     start_at: float,
     stop_at: float,
@@ -358,18 +400,22 @@ def _analyst(
     errors: list[str],
 ) -> None:
     rng = random.Random(seed)
+    pauses = random.Random(seed + 7_919)  # think times, apart from the releases chosen
     channel = open_channel(address)
     health = health_pb2_grpc.HealthStub(channel)
     request = health_pb2.HealthCheckRequest(service="")
-    with QueryClient(address) as client:
+    with QueryClient(address, token=token) as client:
         every: dict[str, Callable[[], object]] = {
             "ListReleases": lambda: client.list_releases(limit=LIST_LIMIT),
             "GetRelease": lambda: client.get_release(rng.choice(release_ids)),
             "grpc_health": lambda: health.Check(request, timeout=10.0),
         }
         calls = {name: every[name] for name in mix}
-        for call in calls.values():  # connect before the clock starts
-            call()
+        for name, call in calls.items():  # connect before the clock starts
+            try:
+                call()
+            except (grpc.RpcError, Exception) as exc:  # counted, as in the measured loop
+                errors.append(f"{name} (before the start): {type(exc).__name__}: {exc}")
         time.sleep(max(0.0, start_at - time.time()))
         while time.time() < stop_at:
             for name, call in calls.items():
@@ -378,8 +424,11 @@ def _analyst(
                     call()
                 except (grpc.RpcError, Exception) as exc:  # every failure counts
                     errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                    continue
-                out[name].append(time.perf_counter() - began)
+                else:
+                    out[name].append(time.perf_counter() - began)
+                if think_s > 0:  # the analyst reads the answer before the next call
+                    pause = pauses.expovariate(1.0 / think_s)
+                    time.sleep(max(0.0, min(pause, stop_at - time.time())))
     channel.close()
 
 
@@ -387,21 +436,24 @@ def _client_main(
     conn: Connection,
     address: str,
     release_ids: list[str],
-    seeds: list[int],
+    analysts: list[tuple[int, str]],
+    think_s: float,
     mix: tuple[str, ...],
     start_at: float,
     stop_at: float,
 ) -> None:
-    results: list[dict[str, list[float]]] = [{name: [] for name in CALLS} for _ in seeds]
+    results: list[dict[str, list[float]]] = [{name: [] for name in CALLS} for _ in analysts]
     errors: list[str] = []
     threads = [
         threading.Thread(
             target=_analyst,
-            args=(address, release_ids, seed, mix, start_at, stop_at, out, errors),
+            args=(
+                address, release_ids, seed, token, think_s, mix, start_at, stop_at, out, errors
+            ),
             daemon=True,
         )
-        for seed, out in zip(seeds, results, strict=True)
-    ]
+        for (seed, token), out in zip(analysts, results, strict=True)
+    ]  # fmt: skip
     for thread in threads:
         thread.start()
     time.sleep(max(0.0, start_at - time.time()))
@@ -416,16 +468,20 @@ def _client_main(
 def generate_load(
     address: str,
     release_ids: list[str],
+    tokens: Sequence[str],
     *,
     analysts: int,
     seconds: float,
     processes: int,
     seed: int,
+    think_s: float = 0.0,
     mix: tuple[str, ...] = CALLS,
     on_window: Callable[[float, float], None] | None = None,
 ) -> tuple[dict[str, list[float]], list[str], float]:
-    """Run the analysts, each looping over the calls ``mix``; return every call's latency
-    (seconds) by call type, the errors, and the CPU seconds the load generator used."""
+    """Run the analysts, analyst ``a`` with ``tokens[a]``, each looping over the calls
+    ``mix`` with a pause drawn from an exponential of mean ``think_s`` after every call (none
+    if 0: a closed loop); return every call's latency (seconds) by call type, the errors,
+    and the CPU seconds the load generator used."""
     ctx = mp.get_context("spawn")
     processes = max(1, min(processes, analysts))
     # Start once every process has had time to spawn and connect its analysts.
@@ -436,10 +492,10 @@ def generate_load(
     pipes, workers = [], []
     for p in range(processes):
         parent, child = ctx.Pipe()
-        seeds = [seed * 100_000 + a for a in range(p, analysts, processes)]
+        mine = [(seed * 100_000 + a, tokens[a]) for a in range(p, analysts, processes)]
         worker = ctx.Process(
             target=_client_main,
-            args=(child, address, release_ids, seeds, mix, start_at, stop_at),
+            args=(child, address, release_ids, mine, think_s, mix, start_at, stop_at),
             daemon=True,
         )
         worker.start()
@@ -475,6 +531,44 @@ def _summary(samples: Sequence[float], seconds: float) -> dict[str, float]:
     }
 
 
+def _rate_limited(errors: Sequence[str]) -> int:
+    """How many errors are the per-token rate limit's refusals (RESOURCE_EXHAUSTED)."""
+    return sum("over its rate limit" in e for e in errors)
+
+
+def _saturation(
+    latencies: dict[str, list[float]],
+    errors: list[str],
+    client_cpu: float,
+    server_stats: dict[str, Any],
+    *,
+    analysts: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The closed loop's figures, with what Little's law predicts from its throughput."""
+    query = [x for name in QUERY_CALLS for x in latencies[name]]
+    every = [x for name in CALLS for x in latencies[name]]
+    throughput = len(every) / seconds
+    return {
+        "seconds": seconds,
+        "think_ms": 0.0,
+        "calls": len(query),
+        "errors": len(errors),
+        "rate_limited": _rate_limited(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "p50_ms": percentile(query, 50) * 1e3,
+        "p99_ms": percentile(query, 99) * 1e3,
+        "rps": len(query) / seconds,
+        "per_call": {name: _summary(latencies[name], seconds) for name in CALLS},
+        # Little's law with no think time: each analyst always has one call in flight, so
+        # the mean latency of all calls is analysts / throughput, whatever the server does.
+        "mean_ms_all_calls": sum(every) / len(every) * 1e3 if every else float("nan"),
+        "littles_law_mean_ms": analysts / throughput * 1e3 if throughput else float("nan"),
+        "server_cores_busy": server_stats["cpu_s"] / server_stats["wall_s"],
+        "load_generator_cores_busy": client_cpu / seconds,
+    }
+
+
 def run_benchmark(
     *,
     releases: int,
@@ -482,31 +576,56 @@ def run_benchmark(
     seconds: float,
     client_processes: int,
     profile_seconds: float,
+    think_ms: float = DEFAULT_THINK_MS,
+    saturation_seconds: float = DEFAULT_SATURATION_SECONDS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Store the releases, start the server, load it, and return the report."""
     began = time.perf_counter()
+    load_before = os.getloadavg()
+    think_s = think_ms / 1e3
     with tempfile.TemporaryDirectory(prefix="fedlens-query-") as tmp:
         db = Path(tmp) / "fedlens.db"
         release_ids = store_releases(db, releases, seed=seed)
+        tokens = issue_tokens(db, analysts)
         server = _ServerProcess(db)
         try:
             load = functools.partial(
                 generate_load,
                 server.address,
                 release_ids,
+                tokens,
                 analysts=analysts,
                 processes=client_processes,
                 seed=seed,
             )
-            latencies, errors, client_cpu = load(seconds=seconds, on_window=server.window)
+            latencies, errors, client_cpu = load(
+                seconds=seconds, think_s=think_s, on_window=server.window
+            )
             server_stats = server.stats()
-            # gRPC's floor under the same concurrency: the analysts call health alone.
+            # gRPC's floor under the same load model: the analysts call health alone.
             health_seconds = min(seconds, HEALTH_ONLY_SECONDS)
             health_only, health_errors, health_client_cpu = load(
-                seconds=health_seconds, mix=("grpc_health",), on_window=server.window
+                seconds=health_seconds,
+                think_s=think_s,
+                mix=("grpc_health",),
+                on_window=server.window,
             )
             health_server = server.stats()
+            saturation: dict[str, Any] | None = None
+            if saturation_seconds > 0:
+                logger.info("closed loop (no think time) for %.0f s", saturation_seconds)
+                closed, closed_errors, closed_cpu = load(
+                    seconds=saturation_seconds, seed=seed + 2, on_window=server.window
+                )
+                saturation = _saturation(
+                    closed,
+                    closed_errors,
+                    closed_cpu,
+                    server.stats(),
+                    analysts=analysts,
+                    seconds=saturation_seconds,
+                )
             query = [x for name in QUERY_CALLS for x in latencies[name]]
             p99 = percentile(query, 99) * 1e3
             target_met = p99 <= TARGET_P99_MS and not errors
@@ -515,6 +634,7 @@ def run_benchmark(
                 logger.info("target missed: profiling the server for %.0f s", profile_seconds)
                 profiled, _, _ = load(
                     seconds=profile_seconds,
+                    think_s=think_s,
                     seed=seed + 1,
                     on_window=functools.partial(server.window, profile=True),
                 )
@@ -536,18 +656,33 @@ def run_benchmark(
             server.stop()
     per_call = {name: _summary(latencies[name], seconds) for name in CALLS}
     health_p99 = per_call["grpc_health"]["p99_ms"]
+    load_after = os.getloadavg()
     return {
         "benchmark": "query",
         "releases": releases,
         "analysts": analysts,
         "client_processes": max(1, min(client_processes, analysts)),
         "seconds": seconds,
+        "think_ms": think_ms,
+        "load_model": (
+            "each analyst pauses after every call for an exponential time of mean think_ms "
+            "(closed loop with think time); 'saturation' is the same analysts with none"
+        ),
+        "auth": {
+            "mode": "token",
+            "role": "viewer",
+            "tokens": "one per analyst",
+            "rate_limit": "server defaults (50 calls/s, burst 100, per token)",
+        },
         "cores": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0],
+        "load_average_1min": load_after[0],
+        "load_average_before": list(load_before),
+        "load_average_after": list(load_after),
         "server_max_workers": server_stats["max_workers"],
         "list_limit": LIST_LIMIT,
         "calls": len(query),
         "errors": len(errors),
+        "rate_limited": _rate_limited(errors),
         "error_samples": sorted(set(errors))[:5],
         "p50_ms": percentile(query, 50) * 1e3,
         "p99_ms": p99,
@@ -558,6 +693,7 @@ def run_benchmark(
         "p50_ratio_to_health": (percentile(query, 50) * 1e3) / per_call["grpc_health"]["p50_ms"],
         "health_only": {
             "seconds": health_seconds,
+            "think_ms": think_ms,
             "errors": len(health_errors),
             **_summary(health_only["grpc_health"], health_seconds),
             "server_cores_busy": health_server["cpu_s"] / health_server["wall_s"],
@@ -570,33 +706,34 @@ def run_benchmark(
             "cores_busy": server_stats["cpu_s"] / server_stats["wall_s"],
         },
         "load_generator_cores_busy": client_cpu / seconds,
-        "target": {"p99_ms": TARGET_P99_MS, "errors": 0},
+        "saturation": saturation,
+        "target": {"p99_ms": TARGET_P99_MS, "errors": 0, "think_ms": think_ms},
         "target_met": target_met,
         "profile": profile,
         "total_seconds": time.perf_counter() - began,
     }
 
 
+def _row(name: str, row: dict[str, Any]) -> str:
+    return (
+        f"{name:<14}{row['calls']:>9}{row['rps']:>9.0f}{row['p50_ms']:>9.2f}"
+        f"{row['p99_ms']:>9.2f}{row.get('max_ms', float('nan')):>9.1f}"
+    )
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines = [
-        f"{results['analysts']} analysts, {results['releases']} releases, "
-        f"{results['seconds']:.0f} s on {results['cores']} cores",
+        f"{results['analysts']} analysts (viewer tokens), {results['releases']} releases, "
+        f"{results['seconds']:.0f} s on {results['cores']} cores, think time "
+        f"{results['think_ms']:g} ms (exponential mean); load average "
+        f"{results['load_average_before'][0]:.2f} before, {results['load_average_after'][0]:.2f} "
+        "after",
         f"{'call':<14}{'calls':>9}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}",
     ]
     for name, row in results["per_call"].items():
-        lines.append(
-            f"{name:<14}{row['calls']:>9}{row['rps']:>9.0f}{row['p50_ms']:>9.2f}"
-            f"{row['p99_ms']:>9.2f}{row['max_ms']:>9.1f}"
-        )
-    lines.append(
-        f"{'Query calls':<14}{results['calls']:>9}{results['rps']:>9.0f}"
-        f"{results['p50_ms']:>9.2f}{results['p99_ms']:>9.2f}"
-    )
-    alone = results["health_only"]
-    lines.append(
-        f"{'health alone':<14}{alone['calls']:>9}{alone['rps']:>9.0f}{alone['p50_ms']:>9.2f}"
-        f"{alone['p99_ms']:>9.2f}{alone['max_ms']:>9.1f}"
-    )
+        lines.append(_row(name, row))
+    lines.append(_row("Query calls", results))
+    lines.append(_row("health alone", results["health_only"]))
     lines.append(
         f"Query p99 / health p99: {results['p99_ratio_to_health']:.2f} under the same load, "
         f"{results['p99_ratio_to_health_only']:.2f} against health alone; "
@@ -609,6 +746,17 @@ def format_table(results: dict[str, Any]) -> str:
     for name, row in results["server"]["handler_wall"].items():
         lines.append(
             f"server handler {name}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms"
+        )
+    saturation = results["saturation"]
+    if saturation:
+        lines.append(
+            f"saturation (no think time, {saturation['seconds']:.0f} s): "
+            f"{saturation['rps']:.0f} Query rps, p50 {saturation['p50_ms']:.2f} ms, "
+            f"p99 {saturation['p99_ms']:.2f} ms, errors {saturation['errors']} "
+            f"({saturation['rate_limited']} rate-limited); mean latency "
+            f"{saturation['mean_ms_all_calls']:.2f} ms vs Little's law "
+            f"{saturation['littles_law_mean_ms']:.2f} ms; server busy "
+            f"{saturation['server_cores_busy']:.2f} cores"
         )
     verdict = "met" if results["target_met"] else "MISSED"
     lines.append(f"target p99 <= {TARGET_P99_MS:.0f} ms with 0 errors: {verdict}")
@@ -632,6 +780,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--analysts", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=DEFAULT_THINK_MS,
+        help="mean pause after each call (exponential); 0: a closed loop",
+    )
+    parser.add_argument(
+        "--saturation-seconds",
+        type=float,
+        default=DEFAULT_SATURATION_SECONDS,
+        help="length of the closed loop with no think time (0: skip it)",
+    )
+    parser.add_argument(
         "--client-processes", type=int, default=2, help="processes the analysts are spread over"
     )
     parser.add_argument(
@@ -640,6 +800,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.releases < 1 or args.analysts < 1 or args.seconds <= 0:
         parser.error("--releases and --analysts must be >= 1 and --seconds > 0")
+    if args.think_ms < 0 or args.saturation_seconds < 0:
+        parser.error("--think-ms and --saturation-seconds must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = run_benchmark(
         releases=args.releases,
@@ -647,6 +809,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         seconds=args.seconds,
         client_processes=args.client_processes,
         profile_seconds=args.profile_seconds,
+        think_ms=args.think_ms,
+        saturation_seconds=args.saturation_seconds,
     )
     args.json.write_text(json.dumps(results, indent=2))
     print(format_table(results))

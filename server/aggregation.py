@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -36,11 +37,32 @@ from server.round_journal import JournalEntry
 from server.rounds import LiveRound, RoundTable, protocol_params
 from server.storage import Store, StoredModel
 
-__all__ = ["Aggregator", "QueryHandler"]  # QueryHandler lives in server.query_handler
+__all__ = ["Aggregator", "QueryHandler", "Reservation"]  # QueryHandler: server.query_handler
 
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Releases that accepted work (a queued or running job) will make at a site but that
+    its ledger does not hold yet: ``releases`` Gaussian releases at (ε, δ).
+
+    Attributes
+    ----------
+    label
+        What reserves them, e.g. ``"job 1f0c..."``.
+    epsilon, delta
+        The (ε, δ) of each release.
+    releases
+        How many releases.
+    """
+
+    label: str
+    epsilon: float
+    delta: float
+    releases: int = 1
 
 
 class Aggregator(RoundTable):
@@ -154,20 +176,57 @@ class Aggregator(RoundTable):
         *,
         releases: int = 1,
         what: str = "the round",
+        reserved: Sequence[Reservation] = (),
     ) -> None:
         """Refuse ``releases`` Gaussian releases at (ε, δ) that some site's mirrored ledger
-        could not pay for.
+        could not pay for, on top of the ``reserved`` releases of work already accepted.
+
+        Each site composes (PLD) its mirrored events, then every reserved release, then the
+        new ones, exactly as its own ledger would record them: the check passes only if
+        the site could pay for the reserved work and this together.
 
         Raises
         ------
         ConfigurationError
-            ε or δ is out of range.
+            ε or δ (of the new releases or of a reservation) is out of range.
         BudgetExceededError
             Some site of ``site_ids`` would go past its budget; the message names each
-            such site with what it has spent and what the releases would bring it to.
+            such site with its budget, what it has spent, what the reservations hold and
+            what the releases would bring it to.
         """
+        event = self._gaussian(epsilon, delta, what)
+        held = [
+            self._gaussian(r.epsilon, r.delta, r.label) for r in reserved for _ in range(r.releases)
+        ]
+        short = []
+        for mirrored in self._store.site_ledgers():
+            if mirrored.site_id not in site_ids:
+                continue
+            ledger = PrivacyLedger(mirrored.budget_epsilon, mirrored.delta, mirrored.events)
+            after = ledger.epsilon_with_all([*held, *[event] * releases])
+            if after <= ledger.budget_epsilon:
+                continue
+            detail = f"budget ε = {ledger.budget_epsilon:g}, spent ε = {ledger.epsilon_spent():.3f}"
+            if held:
+                committed = ledger.epsilon_with_all(held) - ledger.epsilon_spent()
+                detail += (
+                    f", reserved ε = {committed:.3f} by {len(reserved)} queued or running job(s)"
+                )
+            detail += f"; the release would bring it to {after:.3f}"
+            if held:
+                alone = ledger.epsilon_with_all([event] * releases)
+                detail += f", without the reserved jobs to {alone:.3f}"
+            short.append(f"{mirrored.site_id} ({detail})")
+        if short:
+            count = "a release" if releases == 1 else f"{releases} releases"
+            raise BudgetExceededError(
+                f"{what} refused: {count} at ε = {epsilon:g}, δ = {delta:g} "
+                f"does not fit the mirrored ledger of {', '.join(short)}"
+            )
+
+    def _gaussian(self, epsilon: float, delta: float, what: str) -> LedgerEvent:
         try:
-            event = LedgerEvent(
+            return LedgerEvent(
                 kind="gaussian",
                 noise_multiplier=gaussian_noise_multiplier(epsilon, delta),
                 label=what,
@@ -175,23 +234,6 @@ class Aggregator(RoundTable):
             )
         except ValueError as exc:
             raise ConfigurationError(f"{what}: bad epsilon or delta: {exc}") from None
-        short = []
-        for mirrored in self._store.site_ledgers():
-            if mirrored.site_id not in site_ids:
-                continue
-            ledger = PrivacyLedger(mirrored.budget_epsilon, mirrored.delta, mirrored.events)
-            after = ledger.epsilon_with_all([event] * releases)
-            if after > ledger.budget_epsilon:
-                short.append(
-                    f"{mirrored.site_id} (spent ε = {ledger.epsilon_spent():.3f} of "
-                    f"{ledger.budget_epsilon:g}; the release would bring it to {after:.3f})"
-                )
-        if short:
-            count = "a release" if releases == 1 else f"{releases} releases"
-            raise BudgetExceededError(
-                f"{what} refused: {count} at ε = {epsilon:g}, δ = {delta:g} "
-                f"does not fit the mirrored ledger of {', '.join(short)}"
-            )
 
     def report_ledger(self, ledger: SiteLedger, *, actor: str = "") -> SiteLedger:
         """Mirror a site's ledger; returns the mirror with its composed ε.

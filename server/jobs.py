@@ -9,15 +9,37 @@
   :func:`server.influence_rounds.influence_params`): ``INVALID_ARGUMENT``;
 - it asks for a smaller minimum cohort than the coordinator's ``min_cohort_size``:
   ``INVALID_ARGUMENT``;
-- some site's mirrored ledger could not pay for every release the job needs
+- some site's mirrored ledger could not pay for every release the job needs on top of
+  the releases reserved by the jobs already queued or running
   (:meth:`server.aggregation.Aggregator.check_budgets`): ``RESOURCE_EXHAUSTED`` naming
-  the site.
+  the site, its budget, what it has spent and what the pending jobs reserve.
 
 An identical question — same kind, same parameters once defaults are filled in, same
 cohort and query input, about the same stored model — is answered with the release of
 the earlier job: the new job is ``done`` with ``from_cache`` set, and no round runs, so
 nothing is spent. Otherwise the job is ``queued`` until a :class:`server.job_runner.JobRunner`
 runs it through the Flower ServerApp, which reports the outcome (:meth:`JobQueue.finish`).
+
+Reservations
+------------
+A job that is ``queued`` or ``running`` (and was not answered from a stored release)
+reserves its releases — ``releases`` Gaussian releases at its ``explain-epsilon`` and
+``explain-delta``, read back from its stored run configuration — at every mirrored site,
+since a job runs over every site whose ledger the coordinator mirrors when it runs
+(:mod:`server.job_app`), whichever model it explains. A new job is priced against each
+site's mirrored events composed with every reservation, so two jobs that fit only one at
+a time are not both accepted. The reservation ends with the job: once ``done`` its
+releases are in the mirrored ledgers (the ServerApp forwards the sites' ledgers after each
+round, before it reports the outcome) and are not counted twice; a ``failed`` or
+``refused`` job reserves nothing, and what it did spend before it stopped is in the
+mirrors too. While a job with several releases runs, those it has made are counted both
+in the mirrors and in its reservation: a conservative overestimate until it finishes.
+
+Pricing and inserting a job is one critical section: a process-wide lock serialises the
+gRPC worker threads, and inside the transaction a PostgreSQL advisory lock (or, on
+SQLite, the database's write lock, taken first) serialises coordinators in other
+processes sharing the store. Whatever slips past the mirror, each site's own ledger still
+refuses.
 
 Every submission and every refusal is written to the store's audit log. The queue keeps
 its own table (``explanation_jobs``) in the store's database, through the public
@@ -29,13 +51,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import JSON, Boolean, String, Text, select, update
+from sqlalchemy import JSON, Boolean, String, Text, false, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from explain import get_kind
@@ -49,7 +72,7 @@ from fedlens.errors import (
 )
 from fedlens.jobs import Job, JobRequest, JobState
 from fedlens.runconfig import INFLUENCE_KINDS, RunConfig, validation_message
-from server.aggregation import Aggregator
+from server.aggregation import Aggregator, Reservation
 from server.database import UtcDateTime, clip_text, storable
 from server.influence_rounds import influence_params
 from server.round_specs import explanation_round_spec
@@ -82,6 +105,13 @@ ANALYST_KEYS = frozenset(
 _FACTOR_KINDS = frozenset({"hessian", "kfac", "ekfac"})
 MAX_PARAMS = 32
 MAX_TEXT = 4096
+# States of a job whose releases are still to come: it reserves them at every site.
+_PENDING = (JobState.QUEUED.value, JobState.RUNNING.value)
+# Serialises pricing and inserting jobs among the threads of this process (every queue,
+# since two queues may share one store).
+_PRICING = threading.Lock()
+# pg_advisory_xact_lock key held while a job is priced and inserted: "fl-jobs" in ASCII.
+_PRICING_KEY = int.from_bytes(b"fl-jobs", "big")
 
 
 class _Base(DeclarativeBase):
@@ -135,6 +165,26 @@ def _json_object(text: str, what: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ConfigurationError(f"{what} must be a JSON object, got {value!r}")
     return value
+
+
+def _serialise(session: Session) -> None:
+    """Hold, until ``session`` commits, a lock that other processes pricing jobs in the
+    same database wait for.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: the database's write lock,
+    taken by a write that changes nothing as the transaction's first statement (the
+    driver begins the transaction before it), so the reads that follow already see every
+    job another process committed.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_PRICING_KEY)))
+    else:
+        session.execute(
+            update(_JobRow)
+            .where(false())
+            .values(state=_JobRow.state)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _check_size(request: JobRequest) -> None:
@@ -194,6 +244,11 @@ class JobQueue:
     ) -> Job:
         """Check, price and queue ``request`` (or answer it from an identical job).
 
+        A job that is not answered from a stored release must fit every site's mirrored
+        ledger together with the releases the queued and running jobs reserve (see the
+        module docstring); pricing and inserting it is atomic with respect to other
+        submissions.
+
         ``allowance`` caps the ε the submitter's jobs may spend in all, on top of the
         sites' budgets: each job that was not answered from a stored release (and did
         not fail or get refused) counts ``releases * explain-epsilon``, composed
@@ -206,21 +261,34 @@ class JobQueue:
         NotFoundError
             No trained model is stored yet.
         BudgetExceededError
-            Some site's mirrored ledger cannot pay for the job's releases, or the job
-            would take the submitter past its allowance.
+            Some site's mirrored ledger cannot pay for the job's releases on top of those
+            reserved by queued and running jobs, or the job would take the submitter past
+            its allowance.
         """
         job_id = uuid.uuid4().hex
         try:
-            run, model_id, key = self._plan(request, job_id)
+            run, model_id, key, sites = self._plan(request, job_id)
         except FedlensError as exc:
             self._audit(submitted_by, job_id, "refused", f"{request.kind[:64]}: {exc}")
             raise
-        now = self._now()
         try:
-            with self._store.session() as s:
+            # The lock is released after the session commits, so the next submission
+            # sees this job's reservation.
+            with _PRICING, self._store.session() as s:
+                _serialise(s)
                 cached = self._answered(s, key)
+                if cached is None:
+                    self._aggregator.check_budgets(
+                        sites,
+                        run.explain_epsilon,
+                        run.explain_delta,
+                        releases=run.releases,
+                        what=f"job {job_id} ({request.kind})",
+                        reserved=self._reservations(s),
+                    )
                 if cached is None and allowance is not None:
                     self._check_allowance(s, submitted_by, allowance, run)
+                now = self._now()
                 row = _JobRow(
                     job_id=job_id,
                     kind=request.kind,
@@ -250,6 +318,27 @@ class JobQueue:
     @staticmethod
     def _cost(run: RunConfig) -> float:
         return run.releases * run.explain_epsilon
+
+    @staticmethod
+    def _reservations(session: Session) -> list[Reservation]:
+        """What the queued and running jobs will release, oldest first."""
+        rows = session.execute(
+            select(_JobRow.job_id, _JobRow.run_config)
+            .where(_JobRow.state.in_(_PENDING), _JobRow.from_cache.is_(False))
+            .order_by(_JobRow.created_at)
+        ).all()
+        reservations = []
+        for job_id, config in rows:
+            run = RunConfig.from_flower(config)
+            reservations.append(
+                Reservation(f"job {job_id}", run.explain_epsilon, run.explain_delta, run.releases)
+            )
+        return reservations
+
+    def reserved(self) -> list[Reservation]:
+        """The releases the queued and running jobs reserve at every mirrored site."""
+        with self._store.session() as s:
+            return self._reservations(s)
 
     def _check_allowance(
         self, session: Session, submitted_by: str, allowance: float, run: RunConfig
@@ -381,8 +470,12 @@ class JobQueue:
 
     # -- checks --------------------------------------------------------------------
 
-    def _plan(self, request: JobRequest, job_id: str) -> tuple[RunConfig, str, str]:
-        """The job's run configuration, model id and cache key; refusals raise."""
+    def _plan(self, request: JobRequest, job_id: str) -> tuple[RunConfig, str, str, list[str]]:
+        """The job's run configuration, model id, cache key and sites; refusals raise.
+
+        The job is priced later, against the reservations of the other jobs, by
+        :meth:`submit`.
+        """
         _check_size(request)
         kind = request.kind
         get_kind(kind)  # ConfigurationError naming the available kinds
@@ -421,13 +514,6 @@ class JobQueue:
             influence_params(run, dataset, sites)
         else:
             explanation_round_spec(run, dataset.preprocessor, sites, round_id=f"job-{job_id}")
-        self._aggregator.check_budgets(
-            sites,
-            run.explain_epsilon,
-            run.explain_delta,
-            releases=run.releases,
-            what=f"job {job_id} ({kind})",
-        )
         canonical = {
             "kind": kind,
             "params": {k: v for k, v in run.to_flower().items() if k in ANALYST_KEYS},
@@ -436,7 +522,7 @@ class JobQueue:
             "model_id": stored.model_id,
         }
         key = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-        return run, stored.model_id, key
+        return run, stored.model_id, key, sites
 
     def _run_config(self, request: JobRequest, stored: StoredModel, sites: list[str]) -> RunConfig:
         min_cohort = request.params.get("min-cohort-size", str(self._min_cohort))

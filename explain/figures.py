@@ -28,7 +28,11 @@ __all__ = [
     "STYLESHEET",
     "Z95",
     "Figure",
+    "anchor_id",
     "budget_figure",
+    "figure_html",
+    "interval_text",
+    "kind_title",
     "release_figures",
     "release_section_html",
 ]
@@ -426,7 +430,7 @@ _GAP_WORDS = {
 }
 
 
-def fairness_parts(
+def _fairness_parts(
     release: Release,
 ) -> tuple[dict[str, list[ReleasedValue]], list[ReleasedValue], list[ReleasedValue]]:
     """Split a fairness release: ``rate -> per-group values``, the gaps, attribution gaps."""
@@ -445,14 +449,14 @@ def fairness_parts(
     return rates, gaps, attribution
 
 
-def gap_label(name: str) -> str:
+def _gap_label(name: str) -> str:
     """``gap:demographic_parity:sex`` → ``sex: selection rate``."""
     _, gap, partition = [*name.split(":", 2), "", ""][:3]
     return f"{partition}: {_GAP_WORDS.get(gap, gap.replace('_', ' '))}"
 
 
 def _fairness_figures(release: Release, top: int) -> list[Figure]:
-    rates, gaps, attribution = fairness_parts(release)
+    rates, gaps, attribution = _fairness_parts(release)
     figures: list[Figure] = []
     for rate in ("selection_rate", "accuracy", "tpr", "fpr"):
         if rate in rates:
@@ -477,7 +481,7 @@ def _fairness_figures(release: Release, top: int) -> list[Figure]:
                 "Each bar is the gap between the best- and worst-treated group of a sensitive "
                 "attribute; zero means equal treatment.",
                 top,
-                labels=gap_label,
+                labels=_gap_label,
             )
         )
     if attribution:

@@ -43,6 +43,7 @@ from fedlens.cli_admin import add_admin_commands
 from fedlens.cli_jobs import add_job_commands
 from fedlens.cli_keys import add_key_commands
 from fedlens.cli_privacy import add_privacy_commands
+from fedlens.cli_report import add_report_commands
 from fedlens.errors import ConfigurationError, FedlensError
 from fedlens.runconfig import validation_message
 from fedlens.settings import Settings
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     budgets.add_argument("--site", default="", help="only this site")
     query.set_defaults(func=_cmd_query)
     add_job_commands(qsub, common)
+    add_report_commands(sub)
 
     explain = sub.add_parser(
         "explain", parents=[common], help="explain one input with the global model"

@@ -224,6 +224,25 @@ class Aggregator(RoundTable):
                 f"does not fit the mirrored ledger of {', '.join(short)}"
             )
 
+    def reserved_epsilon(self, reserved: Sequence[Reservation]) -> dict[str, float]:
+        """The ε ``reserved`` holds at each mirrored site, by site id.
+
+        That is the ε the site's mirrored events and every reserved release compose to,
+        less the ε it has spent (PLD composition is not additive, so this is what the
+        reservations add on top of the spent ε, not their ε alone); 0 with nothing
+        reserved.
+        """
+        held = [
+            self._gaussian(r.epsilon, r.delta, r.label) for r in reserved for _ in range(r.releases)
+        ]
+        amounts = {}
+        for mirrored in self._store.site_ledgers():
+            ledger = PrivacyLedger(mirrored.budget_epsilon, mirrored.delta, mirrored.events)
+            amounts[mirrored.site_id] = (
+                ledger.epsilon_with_all(held) - ledger.epsilon_spent() if held else 0.0
+            )
+        return amounts
+
     def _gaussian(self, epsilon: float, delta: float, what: str) -> LedgerEvent:
         try:
             return LedgerEvent(

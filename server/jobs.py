@@ -340,6 +340,11 @@ class JobQueue:
         with self._store.session() as s:
             return self._reservations(s)
 
+    def reserved_epsilon(self) -> dict[str, float]:
+        """The ε the queued and running jobs reserve at each mirrored site, by site id
+        (:meth:`server.aggregation.Aggregator.reserved_epsilon`)."""
+        return self._aggregator.reserved_epsilon(self.reserved())
+
     def _check_allowance(
         self, session: Session, submitted_by: str, allowance: float, run: RunConfig
     ) -> None:

@@ -193,6 +193,7 @@ def test_a_job_that_fits_only_alone_is_refused_until_the_first_one_ends(
     # It ends without a release: the reservation is gone and nothing was spent.
     federation.jobs.finish(first.job_id, reason="site-1 declined", refused=outcome == "refused")
     assert federation.jobs.reserved() == []
+    assert federation.jobs.reserved_epsilon() == dict.fromkeys(SITES, 0.0)
     second = federation.submit("global_attribution")
     assert second.state is JobState.QUEUED
     assert federation.jobs.reserved() == [Reservation(f"job {second.job_id}", 1.0, JOB_DELTA, 1)]
@@ -213,6 +214,10 @@ def test_a_done_job_is_counted_once_in_the_mirrored_ledger_not_also_reserved(
     with pytest.raises(BudgetExceededError, match=f"spent ε = {ONE}, reserved ε = [0-9.]+ by 1 "):
         federation.submit("global_attribution", cohort=COHORT)
     assert [r.label for r in federation.jobs.reserved()] == [f"job {second.job_id}"]
+    # One release spent, one reserved: the reservation holds what the second adds.
+    assert federation.jobs.reserved_epsilon() == pytest.approx(
+        dict.fromkeys(SITES, composed(2) - composed(1))
+    )
     # The second fails having spent nothing: one release spent, none reserved, and a third
     # job fits (it would not if the done job were counted twice).
     federation.run(second, "failed")
@@ -259,6 +264,9 @@ def test_an_influence_job_reserves_every_release_it_needs(
     with pytest.raises(BudgetExceededError, match="by 1 queued or running job"):
         federation.submit("feature_stats")
     assert federation.jobs.reserved() == [Reservation(f"job {influence.job_id}", 1.0, JOB_DELTA, 2)]
+    # What that holds at each site: the ε of its two releases over nothing spent.
+    reserved = federation.jobs.reserved_epsilon()
+    assert reserved == pytest.approx(dict.fromkeys(SITES, composed(2)))
 
 
 class _SlowPricing:

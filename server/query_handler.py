@@ -36,7 +36,7 @@ class LruCache(Generic[K, V]):
     """A thread-safe mapping of at most ``size`` entries that forgets the least recently used.
 
     ``size`` 0 keeps nothing. Values are shared between callers: cache only values that
-    nobody mutates.
+    nobody mutates. None is not a value (:meth:`get` answers None for a missing key).
     """
 
     def __init__(self, size: int) -> None:

@@ -37,7 +37,7 @@ def test_tiny_run_reports_every_figure(tmp_path: Path) -> None:
         )  # fmt: skip
     results = json.loads(out.read_text())
     for key in (
-        "p50_ms", "p99_ms", "rps", "errors", "calls", "analysts", "releases", "seconds",
+        "p50_ms", "p99_ms", "max_ms", "rps", "errors", "calls", "analysts", "releases", "seconds",
         "cores", "per_call", "p99_ratio_to_health", "target_met", "server", "think_ms",
         "load_average_before", "load_average_after", "health_only", "auth",
     ):  # fmt: skip

@@ -69,12 +69,16 @@ details summary { cursor: pointer; color: #2b6cb0; }
 _POSITIVE = "#2b6cb0"
 _NEGATIVE = "#dd6b20"
 _NEUTRAL = "#4a5568"
-_PALETTE = ("#2b6cb0", "#dd6b20", "#2f855a", "#805ad5", "#b7791f", "#c53030", "#319795")
+_PALETTE = (
+    *("#2b6cb0", "#dd6b20", "#2f855a", "#805ad5", "#b7791f", "#c53030"),
+    *("#319795", "#d53f8c", "#4a5568", "#975a16", "#63b3ed", "#68d391"),
+)
 _WIDTH = 680
 _FONT = 13
 _ROW = 24
 _MAX_LABEL = 40
 _TABLE_ROWS = 200
+_MAX_SITES = 12
 _SECOND_ORDER = frozenset({"hessian", "kfac", "ekfac"})
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -776,6 +780,14 @@ def budget_figure(ledgers: Sequence[SiteLedger]) -> Figure:
     """
     title = "Privacy spent per site over time"
     series = [(ledger, _cumulative(ledger)) for ledger in ledgers]
+    if len(series) > _MAX_SITES:
+        # One line per site stays readable up to a dozen: keep those that spent most.
+        def final(item: tuple[SiteLedger, list[tuple[datetime, float]]]) -> float:
+            spent = item[1][-1][1] if item[1] else 0.0
+            return spent if math.isfinite(spent) else math.inf
+
+        kept = sorted(range(len(series)), key=lambda i: -final(series[i]))[:_MAX_SITES]
+        series = [series[i] for i in sorted(kept)]
     times = [t for _, points in series for t, _ in points]
     if not times:
         svg = _svg(
@@ -860,12 +872,12 @@ def budget_figure(ledgers: Sequence[SiteLedger]) -> Figure:
             f"<title>{_esc(ledger.site_id)}: \u03b5 spent {_esc(_num(points[-1][1]))}"
             f"</title></path>"
         )
-        if len(series) > 8 and i == 7:
-            break
     caption = (
         "Each line climbs as a site spends privacy on training and releases; the dashed line "
         "of the same colour is that site's budget, past which it refuses further work."
     )
+    if len(ledgers) > len(series):
+        caption += f" Only the {len(series)} of {len(ledgers)} sites that spent most are shown."
     if notes:
         caption += f" The spend of {', '.join(notes)} could not be computed."
     return Figure(title, _svg(title, _WIDTH, height, body), caption)

@@ -287,3 +287,14 @@ def test_budget_figure_without_events_says_nothing_was_spent() -> None:
     parse(figure.svg)
     assert "No site has spent" in figure.caption
     assert budget_figure([]).caption == figure.caption
+
+
+def test_budget_figure_keeps_the_dozen_sites_that_spent_most() -> None:
+    ledgers = [ledger(f"site-{i:02d}", 10.0, list(range(i % 5 + 1))) for i in range(15)]
+    figure = budget_figure(ledgers)
+    root = parse(figure.svg)
+    curves = [p for p in root.iter("path") if p.get("stroke-width") == "2.5"]
+    assert len(curves) == 12
+    assert "Only the 12 of 15 sites that spent most are shown." in figure.caption
+    shown = {(p.find("title").text or "").split(":")[0] for p in curves}  # type: ignore[union-attr]
+    assert "site-00" not in shown and "site-04" in shown  # one event against five

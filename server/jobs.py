@@ -305,7 +305,7 @@ class JobQueue:
                 )
                 s.add(row)
                 job = _job(row)
-        except BudgetExceededError as exc:
+        except (BudgetExceededError, ConfigurationError) as exc:
             self._audit(submitted_by, job_id, "refused", f"{request.kind[:64]}: {exc}")
             raise
         if cached is not None:

@@ -405,6 +405,13 @@ def _bars_figure(
 
 def _attribution_figures(release: Release, top: int) -> list[Figure]:
     values = release.grouped or release.values
+    if any(v.name.endswith("|class=1") for v in values):
+        # With target "both" the class-0 block mirrors the class-1 block: draw class 1 once.
+        values = tuple(
+            ReleasedValue(v.name.removesuffix("|class=1"), v.value, v.noise_std)
+            for v in values
+            if v.name.endswith("|class=1")
+        )
     if not values:
         return []
     return [

@@ -145,6 +145,16 @@ def test_attribution_bars_are_sorted_by_magnitude_and_limited_to_top() -> None:
     assert "5 largest of 30" in figure.caption
 
 
+def test_attribution_for_both_classes_draws_class_one_once() -> None:
+    release = real_release(
+        "global_attribution", {**KIND_PARAMS["global_attribution"], "target": "both"}
+    )
+    assert any(v.name == "age|class=0" for v in release.grouped)
+    (figure,) = release_figures(release)
+    labels = {t.text for t in parse(figure.svg).iter("text") if t.get("text-anchor") == "end"}
+    assert labels == {"age", "hours-per-week", "sex"}
+
+
 def test_unknown_kind_falls_back_to_bars_of_its_values() -> None:
     release = Release(
         "r", "round", "something_new", "", 10.0, (ReleasedValue("a", 1.0, 0.1),), (), ()

@@ -279,7 +279,7 @@ def create_app(
             request,
             "ListBudgets",
             Role.VIEWER,
-            lambda v: pages.budgets_page(query.list_budgets(), viewer=v),
+            lambda v: pages.budgets_page(query.list_budgets(), jobs.reserved_epsilon(), viewer=v),
         )
 
     @app.get("/jobs")

@@ -8,11 +8,10 @@ comes from a release, a job, a site or a request is escaped here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 
-from explain.cards import release_card
 from explain.figures import STYLESHEET, budget_figure, release_section_html
 from fedlens.jobs import Job, JobState
 from fedlens.types import Release, ReleaseSummary, SiteLedger
@@ -195,28 +194,28 @@ def releases_page(
 
 
 def release_page(release: Release, *, viewer: Viewer) -> str:
-    body = f'<p class="card" id="summary">{escape(release_card(release))}</p>' + (
-        release_section_html(release)
-    )
-    return _layout(
-        f"Release {release.release_id[:12]} ({release.kind})",
-        body,
-        viewer,
-    )
+    body = f'<div id="release">{release_section_html(release)}</div>'
+    return _layout(f"Release {release.release_id[:12]} ({release.kind})", body, viewer)
 
 
-def budgets_page(ledgers: Sequence[SiteLedger], *, viewer: Viewer) -> str:
+def budgets_page(
+    ledgers: Sequence[SiteLedger], reserved: Mapping[str, float], *, viewer: Viewer
+) -> str:
+    """Each site's mirrored ledger, and the ε its queued and running jobs hold (``reserved``,
+    by site id): "left" is what a new job may still spend."""
     figure = budget_figure(ledgers)
     rows = "".join(
         f"<tr><td>{escape(m.site_id)}</td><td>{m.budget_epsilon:.3g}</td>"
-        f"<td>{m.epsilon_spent:.3g}</td>"
-        f"<td>{max(m.budget_epsilon - m.epsilon_spent, 0.0):.3g}</td><td>{m.delta:.1e}</td>"
+        f"<td>{m.epsilon_spent:.3g}</td><td>{reserved.get(m.site_id, 0.0):.3g}</td>"
+        f"<td>{max(m.budget_epsilon - m.epsilon_spent - reserved.get(m.site_id, 0.0), 0.0):.3g}"
+        f"</td><td>{m.delta:.1e}</td>"
         f"<td>{len(m.events)}</td><td>{escape(m.accountant)}</td></tr>"
         for m in ledgers
     )
     table = (
         '<table class="list" id="budgets"><thead><tr><th>Site</th><th>Budget ε</th>'
-        "<th>Spent ε</th><th>Left ε</th><th>δ</th><th>Releases</th><th>Accountant</th>"
+        "<th>Spent ε</th><th>Reserved ε</th><th>Left ε</th><th>δ</th><th>Releases</th>"
+        "<th>Accountant</th>"
         f"</tr></thead><tbody>{rows}</tbody></table>"
         if ledgers
         else '<p id="no-budgets">No site has reported its ledger yet.</p>'
@@ -224,7 +223,9 @@ def budgets_page(ledgers: Sequence[SiteLedger], *, viewer: Viewer) -> str:
     body = (
         f"<figure>{figure.svg}<figcaption>{escape(figure.caption)}</figcaption></figure>{table}"
         '<p class="hint">Every site keeps its own ledger and refuses work past its budget; '
-        "this page shows the coordinator's mirror of those ledgers.</p>"
+        "this page shows the coordinator's mirror of those ledgers. Reserved ε is held by "
+        "queued and running jobs until they end: what their releases add to the spent ε when "
+        "composed with it.</p>"
     )
     return _layout("Privacy budgets", body, viewer)
 

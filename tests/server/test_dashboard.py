@@ -341,3 +341,20 @@ def test_the_dashboard_rate_limits_a_token_like_the_grpc_api(database_url: str) 
         assert any("over its rate limit" in r for r in d.refusals())
     finally:
         d.close()
+
+
+def test_the_budgets_page_shows_what_queued_jobs_reserve(dash: Dashboard) -> None:
+    def reserved_cells(page: str) -> list[float]:
+        rows = re.findall(r"<tr><td>site-\d</td>(.*?)</tr>", page)
+        return [float(re.findall(r"<td>([^<]*)</td>", row)[2]) for row in rows]
+
+    with dash.login(Role.ANALYST) as client:
+        assert reserved_cells(client.get("/budgets").text) == [0.0, 0.0]
+        csrf = _csrf(client.get("/jobs").text)
+        submitted = client.post(
+            "/jobs",
+            data={"csrf": csrf, "kind": "global_attribution", "params": "explain-epsilon=0.5"},
+        )
+        assert submitted.status_code == 303
+        held = reserved_cells(client.get("/budgets").text)
+        assert len(held) == 2 and all(0 < eps <= 0.5 + 1e-9 for eps in held), held

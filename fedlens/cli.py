@@ -413,17 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(qsub, common)
     add_report_commands(sub)
 
-    explain = sub.add_parser(
-        "explain", parents=[common], help="explain one input with the global model"
-    )
-    explain.add_argument(
-        "--input",
-        required=True,
-        help="JSON file with an object of raw feature values (- reads stdin)",
-    )
-    explain.add_argument("--model-id", default="", help="a stored model (default: the latest)")
-    explain.add_argument("--top", type=int, default=0, help="attributions to show (0: all)")
-    explain.set_defaults(func=_cmd_explain)
+    # ExplainInput, as `fedlens explain` and, beside the other Query calls, `fedlens query explain`
+    for parent in (sub, qsub):
+        explain = parent.add_parser(
+            "explain", parents=[common], help="explain one input with the global model"
+        )
+        explain.add_argument(
+            "--input",
+            required=True,
+            help="JSON file with an object of raw feature values (- reads stdin)",
+        )
+        explain.add_argument("--model-id", default="", help="a stored model (default: the latest)")
+        explain.add_argument("--top", type=int, default=0, help="attributions to show (0: all)")
+        explain.set_defaults(func=_cmd_explain)
     add_privacy_commands(sub)
     add_key_commands(sub)
     add_admin_commands(sub)

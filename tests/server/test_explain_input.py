@@ -182,6 +182,9 @@ def test_cli_explain(
     assert out["baseline"] == "feature_stats release stats-release"
     assert main(["explain", "--input", str(good), "--address", address]) == 0
     assert "The model predicts" in capsys.readouterr().out
+    # The same call beside the other Query calls.
+    assert main(["query", "explain", "--input", str(good), "--address", address, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == out
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**complete_records(1)[0], "age": 200}))

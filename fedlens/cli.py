@@ -194,7 +194,7 @@ def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                 print(json.dumps([ledger.to_dict() for ledger in ledgers], indent=2))
                 return 0
             table = Table(title="site budgets (mirrored ledgers)")
-            for col in ("site", "budget ε", "δ", "spent ε", "events", "accountant"):
+            for col in ("site", "budget ε", "δ", "spent ε", "reserved ε", "events", "accountant"):
                 table.add_column(col, justify="left" if col == "site" else "right")
             for ledger in ledgers:
                 table.add_row(
@@ -202,6 +202,7 @@ def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                     f"{ledger.budget_epsilon:g}",
                     f"{ledger.delta:.1e}",
                     f"{ledger.epsilon_spent:.3f}",
+                    f"{ledger.reserved_epsilon:.3f}",
                     str(len(ledger.events)),
                     ledger.accountant.upper(),
                 )

@@ -170,7 +170,9 @@ class SiteLedger:
     """A site's privacy ledger as reported to, and mirrored by, the coordinator.
 
     ``epsilon_spent`` and ``accountant`` are the coordinator's own composition of
-    ``events`` at ``delta``; a site's report leaves them at their defaults.
+    ``events`` at ``delta``, and ``reserved_epsilon`` what the releases of its queued and
+    running jobs add to ``epsilon_spent`` when composed with it; a site's report leaves
+    them at their defaults.
     """
 
     site_id: str
@@ -179,6 +181,7 @@ class SiteLedger:
     events: tuple[LedgerEvent, ...]
     epsilon_spent: float = 0.0
     accountant: str = ""
+    reserved_epsilon: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready; events as :meth:`privacy.LedgerEvent.to_dict`."""
@@ -189,6 +192,7 @@ class SiteLedger:
             "events": [event.to_dict() for event in self.events],
             "epsilon_spent": self.epsilon_spent,
             "accountant": self.accountant,
+            "reserved_epsilon": self.reserved_epsilon,
         }
 
     @classmethod
@@ -213,6 +217,7 @@ class SiteLedger:
                 events=tuple(LedgerEvent.from_dict(event) for event in events),
                 epsilon_spent=float(data.get("epsilon_spent", 0.0)),  # type: ignore[arg-type]
                 accountant=str(data.get("accountant", "")),
+                reserved_epsilon=float(data.get("reserved_epsilon", 0.0)),  # type: ignore[arg-type]
             )
         except KeyError as exc:
             raise ConfigurationError(f"site ledger lacks the field {exc.args[0]!r}") from None

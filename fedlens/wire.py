@@ -356,6 +356,7 @@ def site_ledger_to_proto(ledger: SiteLedger) -> common_pb2.SiteLedger:
         events=[ledger_event_to_proto(event) for event in ledger.events],
         epsilon_spent=ledger.epsilon_spent,
         accountant=ledger.accountant,
+        reserved_epsilon=ledger.reserved_epsilon,
     )
 
 
@@ -367,6 +368,7 @@ def site_ledger_from_proto(msg: common_pb2.SiteLedger) -> SiteLedger:
         events=tuple(ledger_event_from_proto(event) for event in msg.events),
         epsilon_spent=msg.epsilon_spent,
         accountant=msg.accountant,
+        reserved_epsilon=msg.reserved_epsilon,
     )
 
 

@@ -279,7 +279,9 @@ def create_app(
             request,
             "ListBudgets",
             Role.VIEWER,
-            lambda v: pages.budgets_page(query.list_budgets(), jobs.reserved_epsilon(), viewer=v),
+            lambda v: pages.budgets_page(
+                query.list_budgets(reserved=jobs.reserved_epsilon()), viewer=v
+            ),
         )
 
     @app.get("/jobs")

@@ -8,7 +8,7 @@ comes from a release, a job, a site or a request is escaped here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -198,16 +198,14 @@ def release_page(release: Release, *, viewer: Viewer) -> str:
     return _layout(f"Release {release.release_id[:12]} ({release.kind})", body, viewer)
 
 
-def budgets_page(
-    ledgers: Sequence[SiteLedger], reserved: Mapping[str, float], *, viewer: Viewer
-) -> str:
-    """Each site's mirrored ledger, and the ε its queued and running jobs hold (``reserved``,
-    by site id): "left" is what a new job may still spend."""
+def budgets_page(ledgers: Sequence[SiteLedger], *, viewer: Viewer) -> str:
+    """Each site's mirrored ledger and the ε its queued and running jobs hold: "left" is
+    what a new job may still spend."""
     figure = budget_figure(ledgers)
     rows = "".join(
         f"<tr><td>{escape(m.site_id)}</td><td>{m.budget_epsilon:.3g}</td>"
-        f"<td>{m.epsilon_spent:.3g}</td><td>{reserved.get(m.site_id, 0.0):.3g}</td>"
-        f"<td>{max(m.budget_epsilon - m.epsilon_spent - reserved.get(m.site_id, 0.0), 0.0):.3g}"
+        f"<td>{m.epsilon_spent:.3g}</td><td>{m.reserved_epsilon:.3g}</td>"
+        f"<td>{max(m.budget_epsilon - m.epsilon_spent - m.reserved_epsilon, 0.0):.3g}"
         f"</td><td>{m.delta:.1e}</td>"
         f"<td>{len(m.events)}</td><td>{escape(m.accountant)}</td></tr>"
         for m in ledgers

@@ -212,7 +212,9 @@ class QueryServicer(query_pb2_grpc.QueryServicer):
     def ListBudgets(  # noqa: N802
         self, request: query_pb2.ListBudgetsRequest, context: grpc.ServicerContext
     ) -> query_pb2.ListBudgetsResponse:
-        ledgers = self._handler.list_budgets(site_id=request.site_id)
+        ledgers = self._handler.list_budgets(
+            site_id=request.site_id, reserved=self._jobs.reserved_epsilon()
+        )
         return query_pb2.ListBudgetsResponse(
             ledgers=[wire.site_ledger_to_proto(ledger) for ledger in ledgers]
         )

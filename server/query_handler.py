@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from fedlens.errors import ConfigurationError
@@ -134,10 +134,18 @@ class QueryHandler:
     def get_release(self, release_id: str) -> Release:
         return self._store.get_release(release_id)
 
-    def list_budgets(self, *, site_id: str = "") -> list[SiteLedger]:
-        """Every mirrored site ledger (or one site's), with its composed ε."""
+    def list_budgets(
+        self, *, site_id: str = "", reserved: Mapping[str, float] | None = None
+    ) -> list[SiteLedger]:
+        """Every mirrored site ledger (or one site's), with its composed ε and, from
+        ``reserved`` (by site id, see :meth:`server.jobs.JobQueue.reserved_epsilon`), the ε
+        its pending jobs hold."""
+        held = reserved or {}
         return [
-            with_epsilon(m, PrivacyLedger(m.budget_epsilon, m.delta, m.events))
+            replace(
+                with_epsilon(m, PrivacyLedger(m.budget_epsilon, m.delta, m.events)),
+                reserved_epsilon=held.get(m.site_id, 0.0),
+            )
             for m in self._store.site_ledgers(site_id=site_id)
         ]
 

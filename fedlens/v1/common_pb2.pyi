@@ -102,12 +102,17 @@ class SiteLedger(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     ACCOUNTANT_FIELD_NUMBER: _builtins.int
+    RESERVED_EPSILON_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     budget_epsilon: _builtins.float
     delta: _builtins.float
     epsilon_spent: _builtins.float
     """Set by the coordinator on reads: ε of all events composed at delta, and the accountant."""
     accountant: _builtins.str
+    reserved_epsilon: _builtins.float
+    """Set by the coordinator on reads: the ε that queued and running jobs hold at this site,
+    i.e. what their releases add to epsilon_spent when composed with it.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEvent]:
         """Oldest first; a later report must extend an earlier one, never rewrite it."""
@@ -121,10 +126,11 @@ class SiteLedger(_message.Message):
         events: _abc.Iterable[Global___LedgerEvent] | None = ...,
         epsilon_spent: _builtins.float = ...,
         accountant: _builtins.str = ...,
+        reserved_epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "budget_epsilon", b"budget_epsilon", "delta", b"delta", "epsilon_spent", b"epsilon_spent", "events", b"events", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "budget_epsilon", b"budget_epsilon", "delta", b"delta", "epsilon_spent", b"epsilon_spent", "events", b"events", "reserved_epsilon", b"reserved_epsilon", "site_id", b"site_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

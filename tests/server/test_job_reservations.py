@@ -348,8 +348,12 @@ def test_a_refusal_for_reserved_budget_is_resource_exhausted_over_grpc(
     running = serve(federation.aggregator, QueryHandler(federation.store), jobs=federation.jobs)
     try:
         with QueryClient(running.address) as client:
+            assert {m.reserved_epsilon for m in client.list_budgets()} == {0.0}
             first = client.submit_job(JobRequest("feature_stats"))
             assert first.state is JobState.QUEUED
+            # ListBudgets shows what the queued job holds, as the refusal below names it.
+            held = {m.site_id: m.reserved_epsilon for m in client.list_budgets()}
+            assert held["site-0"] > 0 and held == federation.jobs.reserved_epsilon()
             with pytest.raises(BudgetExceededError, match=f"site-0 .*reserved ε = {ONE} by 1"):
                 client.submit_job(JobRequest("global_attribution"))
             assert [j.job_id for j in client.list_jobs()] == [first.job_id]

@@ -166,6 +166,7 @@ def test_site_ledger_round_trips_through_the_wire() -> None:
         events=(TRAINING, RELEASE),
         epsilon_spent=1.5,
         accountant="pld",
+        reserved_epsilon=0.75,
     )
     assert wire.site_ledger_from_proto(wire.site_ledger_to_proto(snapshot)) == snapshot
     assert SiteLedger.from_dict(json.loads(json.dumps(snapshot.to_dict()))) == snapshot

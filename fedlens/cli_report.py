@@ -180,12 +180,13 @@ def _budget_table(ledgers: Sequence[SiteLedger]) -> str:
     rows = "".join(
         f'<tr><td>{html.escape(s.site_id)}</td><td class="num">{s.budget_epsilon:g}</td>'
         f'<td class="num">{s.delta:.1e}</td><td class="num">{s.epsilon_spent:.3f}</td>'
-        f'<td class="num">{len(s.events)}</td></tr>'
+        f'<td class="num">{s.reserved_epsilon:.3f}</td><td class="num">{len(s.events)}</td></tr>'
         for s in ledgers
     )
     return (
         '<table class="budgets"><caption>Budgets and spend per site</caption><thead><tr>'
         '<th>site</th><th class="num">budget \u03b5</th><th class="num">\u03b4</th>'
-        '<th class="num">spent \u03b5</th><th class="num">events</th></tr></thead>'
+        '<th class="num">spent \u03b5</th><th class="num">\u03b5 reserved by pending jobs</th>'
+        '<th class="num">events</th></tr></thead>'
         f"<tbody>{rows}</tbody></table>"
     )

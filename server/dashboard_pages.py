@@ -113,6 +113,11 @@ def login_page(*, error: str = "") -> str:
     return _layout("Log in", body, None)
 
 
+def _when(stamp: str) -> str:
+    """An RFC 3339 UTC time to the second, as the releases show theirs."""
+    return stamp.split(".")[0].removesuffix("+00:00")
+
+
 def _releases_table(releases: Sequence[ReleaseSummary]) -> str:
     if not releases:
         return '<p id="no-releases">No releases yet: submit a job to get one.</p>'
@@ -143,7 +148,7 @@ def _jobs_table(jobs: Sequence[Job]) -> str:
             f"<td>{escape(j.kind)}</td>"
             f'<td class="state-{escape(j.state.value)}">{escape(j.state.value)}</td>'
             f"<td>{release}</td><td>{escape(j.submitted_by)}</td>"
-            f"<td>{escape(j.created_at)}</td><td>{escape(j.reason)}</td></tr>"
+            f"<td>{escape(_when(j.created_at))}</td><td>{escape(j.reason)}</td></tr>"
         )
     return (
         '<table class="list" id="jobs"><thead><tr><th>Job</th><th>Kind</th><th>State</th>'
@@ -298,7 +303,7 @@ def job_page(job: Job, *, viewer: Viewer) -> str:
         f"<strong>{escape(job.state.value)}</strong> — {escape(what)}</p>{reason}{release}"
         f"{refreshing}"
         f"<p>Kind {escape(job.kind)}, submitted by {escape(job.submitted_by)} at "
-        f"{escape(job.created_at)}, last change {escape(job.updated_at)}.</p>"
+        f"{escape(_when(job.created_at))}, last change {escape(_when(job.updated_at))} (UTC).</p>"
     )
     return _layout(
         f"Job {job.job_id[:12]}",

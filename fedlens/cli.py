@@ -3,17 +3,19 @@
 ::
 
     fedlens demo                    train and explain on embedded data, end to end
-    fedlens server                  run the coordinator's gRPC services
+    fedlens server                  run the coordinator's gRPC services (--dashboard: web pages)
     fedlens query releases          list releases (through the Query service)
     fedlens query show ID           one release, its top features and privacy costs
-    fedlens query budgets           every site's budget and spend, as the coordinator mirrors it
+    fedlens query budgets           every site's budget, spend and reserved ε, as mirrored
     fedlens query submit KIND       ask for an explanation round; query job ID, query jobs
-    fedlens explain --input FILE    explain one input (a JSON object of raw feature values)
+    fedlens query explain, fedlens explain --input FILE
+                                    explain one input (a JSON object of raw feature values)
+    fedlens report --out FILE       releases and budgets as one self-contained HTML page
     fedlens plan                    split a site budget between training and releases
     fedlens client budget           a site's ledger: budget, spend history, what is left
     fedlens client review           a site's own records ranked by self-influence (stays local)
     fedlens keys identity|tls|enroll  site identity key, test certificates, enrolment
-    fedlens admin token issue|list|revoke  tokens bound to roles (admin, analyst, viewer)
+    fedlens admin token issue|list|revoke|allowance  tokens bound to roles, ε allowances
 
 Only this module configures logging, and it imports the ``server`` and ``client``
 layers lazily, inside the commands that need them.

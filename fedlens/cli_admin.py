@@ -5,17 +5,38 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from fedlens.errors import ConfigurationError
 from fedlens.settings import Settings
 
 __all__ = ["add_admin_commands"]
 
 console = Console()
+
+_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_lifetime(text: str) -> timedelta:
+    """``90d``, ``12h`` or ``30m`` as a duration.
+
+    Raises
+    ------
+    ConfigurationError
+        Not a positive whole number followed by ``m``, ``h`` or ``d``.
+    """
+    match = re.fullmatch(r"\s*(\d{1,6})\s*([mhd])\s*", text)
+    if match is None or int(match.group(1)) == 0:
+        raise ConfigurationError(
+            f"--expires-in must be a positive whole number of minutes, hours or days "
+            f"such as 30m, 12h or 90d, got {text!r}"
+        )
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
 def add_admin_commands(sub: Any) -> None:
@@ -32,6 +53,12 @@ def add_admin_commands(sub: Any) -> None:
     issue.add_argument("--name", required=True, help="who holds it (a person or a service)")
     issue.add_argument(
         "--role", required=True, choices=("admin", "analyst", "viewer"), help="what it may do"
+    )
+    issue.add_argument(
+        "--expires-in",
+        default="",
+        metavar="DURATION",
+        help="refuse the token after this long, e.g. 90d, 12h, 30m (default: until revoked)",
     )
     issue.set_defaults(func=_cmd_issue)
     listing = tsub.add_parser("list", parents=[common], help="every token, never its secret")
@@ -61,8 +88,10 @@ def _access(args: argparse.Namespace, settings: Settings) -> Any:
 def _cmd_issue(args: argparse.Namespace, settings: Settings) -> int:
     from server.access import Role
 
+    now = datetime.now(UTC)
+    expires_at = now + parse_lifetime(args.expires_in) if args.expires_in else None
     principal, token = _access(args, settings).issue(
-        args.name, Role.parse(args.role), now=datetime.now(UTC)
+        args.name, Role.parse(args.role), now=now, expires_at=expires_at
     )
     if args.json:
         print(
@@ -72,11 +101,13 @@ def _cmd_issue(args: argparse.Namespace, settings: Settings) -> int:
                     "name": principal.name,
                     "role": args.role,
                     "token": token,
+                    "expires": expires_at.isoformat() if expires_at else None,
                 }
             )
         )
         return 0
-    console.print(f"token {principal.token_id} for {principal.name} ({args.role}):")
+    until = f", expires {expires_at.isoformat(timespec='seconds')}" if expires_at else ""
+    console.print(f"token {principal.token_id} for {principal.name} ({args.role}{until}):")
     print(token)
     console.print("It is shown only now; the coordinator keeps its hash. Use it as FEDLENS_TOKEN.")
     return 0
@@ -84,33 +115,42 @@ def _cmd_issue(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = _access(args, settings).tokens()
+    now = datetime.now(UTC)
+
+    def when(at: datetime | None) -> str | None:
+        return at.isoformat(timespec="seconds") if at is not None else None
+
     if args.json:
         print(
             json.dumps(
                 [
                     {
-                        "token_id": p.token_id,
-                        "name": p.name,
-                        "role": p.role.name.lower(),
-                        "issued": issued.isoformat(),
-                        "revoked": revoked.isoformat() if revoked else None,
+                        "token_id": r.principal.token_id,
+                        "name": r.principal.name,
+                        "role": r.principal.role.name.lower(),
+                        "issued": when(r.issued_at),
+                        "revoked": when(r.revoked_at),
+                        "expires": when(r.expires_at),
+                        "active": r.active(now),
                     }
-                    for p, issued, revoked in rows
+                    for r in rows
                 ],
                 indent=2,
             )
         )
         return 0
     table = Table(title="tokens")
-    for col in ("id", "name", "role", "issued (UTC)", "revoked (UTC)"):
+    for col in ("id", "name", "role", "issued (UTC)", "revoked (UTC)", "expires (UTC)"):
         table.add_column(col)
-    for p, issued, revoked in rows:
+    for r in rows:
         table.add_row(
-            p.token_id,
-            p.name,
-            p.role.name.lower(),
-            str(issued)[:19],
-            str(revoked)[:19] if revoked else "",
+            r.principal.token_id,
+            r.principal.name,
+            r.principal.role.name.lower(),
+            str(when(r.issued_at))[:19],
+            (when(r.revoked_at) or "")[:19],
+            (when(r.expires_at) or "never")[:19]
+            + (" (expired)" if r.expires_at is not None and r.expires_at <= now else ""),
         )
     console.print(table)
     return 0

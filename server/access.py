@@ -13,9 +13,10 @@ identities, sealed shares bound to both parties). Health and reflection are open
 
 A token is ``fl_<id>_<secret>`` with a 256-bit random secret; the store keeps its id, role
 and the SHA-256 of the secret (a fast hash suffices for a secret of full entropy), and
-compares in constant time. A token is shown once, when it is issued. Every refusal —
-unknown or revoked token, a role below the call's, a caller over its rate — is written to
-the audit log with the method and the caller, never the token.
+compares in constant time. A token is shown once, when it is issued, and may be issued
+with an expiry time, past which it is refused like a revoked one. Every refusal —
+unknown, revoked or expired token, a role below the call's, a caller over its rate — is
+written to the audit log with the method and the caller, never the token.
 
 Rate limits are per token: a bucket of ``burst`` calls refilled at ``rate`` calls per
 second (the clock is a parameter, so tests need no sleeping).
@@ -69,6 +70,7 @@ __all__ = [
     "AccessInterceptor",
     "Principal",
     "Role",
+    "TokenRecord",
     "current_principal",
 ]
 
@@ -163,6 +165,8 @@ class _TokenRow(_Base):
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Added in schema version 3 (server/schema.py); None: the token does not expire.
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class _AllowanceRow(_Base):
@@ -184,10 +188,30 @@ class _Bucket:
 
 
 @dataclass(frozen=True)
+class TokenRecord:
+    """A token as :meth:`AccessControl.tokens` lists it (never its secret); times in UTC."""
+
+    principal: Principal
+    issued_at: datetime
+    revoked_at: datetime | None
+    expires_at: datetime | None
+
+    def active(self, now: datetime) -> bool:
+        """Neither revoked nor expired at ``now``."""
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+def _aware(at: datetime | None) -> datetime | None:
+    """The store's naive UTC times as aware ones, so that they compare with ``now``."""
+    return at if at is None or at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
 class _Authenticated:
     principal: Principal
     secret_hash: bytes = field(repr=False)
     until: float  # on the AccessControl's clock
+    expires_at: datetime | None
 
 
 class AccessControl:
@@ -202,6 +226,8 @@ class AccessControl:
         Calls per second each token may make on average, and in a burst.
     clock
         Monotonic seconds, for the rate limits and for how long a token is remembered.
+    wall_clock
+        The time of day in UTC, against which tokens expire.
     token_ttl
         Seconds an authenticated token is remembered (see the module doc); 0: never.
     remembered_tokens
@@ -217,6 +243,7 @@ class AccessControl:
         clock: Callable[[], float] = time.monotonic,
         token_ttl: float = 5.0,
         remembered_tokens: int = 4096,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if not rate > 0 or burst < 1:
             raise ConfigurationError(f"rate must be > 0 and burst >= 1, got {rate}, {burst}")
@@ -227,6 +254,7 @@ class AccessControl:
             )
         self._store = store
         self._rate, self._burst, self._clock = rate, burst, clock
+        self._wall = wall_clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
         self._token_ttl, self._remembered_tokens = token_ttl, remembered_tokens
@@ -234,10 +262,25 @@ class AccessControl:
         self._revocations = 0  # bumped by every revoke, so a read it overtook is not kept
         store.create_tables(_Base.metadata, "access_tokens table")
 
-    def issue(self, name: str, role: Role, *, now: datetime) -> tuple[Principal, str]:
-        """A new token for ``name`` with ``role``; the token itself is returned only here."""
+    def issue(
+        self, name: str, role: Role, *, now: datetime, expires_at: datetime | None = None
+    ) -> tuple[Principal, str]:
+        """A new token for ``name`` with ``role``, valid until ``expires_at`` (None: until
+        revoked); the token itself is returned only here.
+
+        Raises
+        ------
+        ConfigurationError
+            The name is empty, too long or unprintable, or ``expires_at`` is not a
+            timezone-aware time after ``now``.
+        """
         if not name or len(name) > 128 or not name.isprintable():
             raise ConfigurationError(f"a token's name must be 1-128 printable characters: {name!r}")
+        if expires_at is not None and (expires_at.tzinfo is None or expires_at <= now):
+            raise ConfigurationError(
+                f"a token's expiry must be a timezone-aware time after {now.isoformat()}, "
+                f"got {expires_at.isoformat()}"
+            )
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
         with self._store.session() as s:
             s.add(
@@ -248,10 +291,16 @@ class AccessControl:
                     secret_hash=_hash(secret),
                     created_at=now,
                     revoked_at=None,
+                    expires_at=expires_at,
                 )
             )
+        until = f", expires {expires_at.isoformat()}" if expires_at is not None else ""
         self._audit(
-            now, "admin", "issue_token", "ok", f"{token_id} for {name} as {role.name.lower()}"
+            now,
+            "admin",
+            "issue_token",
+            "ok",
+            f"{token_id} for {name} as {role.name.lower()}{until}",
         )
         return Principal(token_id, name, role), f"{_PREFIX}{token_id}_{secret}"
 
@@ -344,17 +393,24 @@ class AccessControl:
             row = s.get(_AllowanceRow, token_id)
             return None if row is None else float(row.epsilon)
 
-    def tokens(self) -> list[tuple[Principal, datetime, datetime | None]]:
-        """Every token: who holds it, when it was issued and revoked (never the secret)."""
+    def tokens(self) -> list[TokenRecord]:
+        """Every token: who holds it, when it was issued, revoked and expires (never the
+        secret), oldest first."""
         with self._store.session() as s:
             rows = s.scalars(select(_TokenRow).order_by(_TokenRow.created_at)).all()
             return [
-                (Principal(r.token_id, r.name, Role.parse(r.role)), r.created_at, r.revoked_at)
+                TokenRecord(
+                    Principal(r.token_id, r.name, Role.parse(r.role)),
+                    _aware(r.created_at) or r.created_at,
+                    _aware(r.revoked_at),
+                    _aware(r.expires_at),
+                )
                 for r in rows
             ]
 
     def authenticate(self, token: str, *, now: float | None = None) -> Principal:
-        """The holder of ``token``; AuthenticationError for a malformed, unknown or revoked one.
+        """The holder of ``token``; AuthenticationError for a malformed, unknown, revoked or
+        expired one (expiry against ``wall_clock``).
 
         ``now`` is the time on the ``clock`` (read if None): a token authenticated within
         ``token_ttl`` seconds before it is not read from the database again (module doc).
@@ -364,12 +420,14 @@ class AccessControl:
         token_id, _, secret = token[len(_PREFIX) :].partition("_")
         at = self._clock() if now is None else now
         presented = _hash(secret)
+        today = self._wall()
         with self._lock:
             known = self._remembered.get(token_id)
             revocations = self._revocations
         if (
             known is not None
             and at < known.until
+            and (known.expires_at is None or today < known.expires_at)
             and hmac.compare_digest(known.secret_hash, presented)
         ):
             return known.principal
@@ -383,8 +441,15 @@ class AccessControl:
                 with self._lock:
                     self._remembered.pop(token_id, None)
                 raise AuthenticationError(f"token {token_id} was revoked")
+            expires_at = _aware(row.expires_at)
+            if expires_at is not None and today >= expires_at:
+                raise AuthenticationError(
+                    f"token {token_id} expired at {expires_at.isoformat(timespec='seconds')}"
+                )
             principal = Principal(row.token_id, row.name, Role.parse(row.role))
-        self._remember(_Authenticated(principal, stored, at + self._token_ttl), revocations)
+        self._remember(
+            _Authenticated(principal, stored, at + self._token_ttl, expires_at), revocations
+        )
         return principal
 
     def _remember(self, entry: _Authenticated, revocations: int) -> None:

@@ -10,8 +10,8 @@ Each session also carries a CSRF token that every form posts back (compared in c
 time), so a page of another origin cannot submit jobs in the analyst's name even where a
 browser ignores ``SameSite``. Sessions end after ``idle_s`` without a request, after
 ``max_age_s`` in all, on logout, or when the server restarts (they live in memory);
-a token revoked while a session is open ends that session at its next request, because
-each request looks the token up again through :meth:`SessionStore.check`.
+a token revoked, or expiring, while a session is open ends that session at its next
+request, because each request looks the token up again through :meth:`SessionStore.check`.
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ class SessionStore:
         # A dashboard serves few people and the token table is small: reading it per
         # request is cheap, and a revocation by any process ends the session at once.
         assert self._access is not None
+        now = self._clock()
         return any(
-            p.token_id == token_id and revoked is None for p, _, revoked in self._access.tokens()
+            t.principal.token_id == token_id and t.active(now) for t in self._access.tokens()
         )
 
     def close(self, session_id: str | None) -> None:

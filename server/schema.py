@@ -22,6 +22,9 @@ Versions
     ``site_ledger_events`` holds one event per position of a site's ledger (a unique
     index on ``site_id, seq``), so two concurrent reports of one ledger cannot both append
     the same event. Exact duplicates already stored are merged first.
+3
+    ``access_tokens`` has an ``expires_at`` column (NULL: the token does not expire, as
+    every token issued before).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from server.database import UtcDateTime
 
 __all__ = ["SCHEMA_VERSION", "schema_version", "upgrade"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # pg_advisory_xact_lock key held while a store is opened: "fedlens" in ASCII
 _LOCK_KEY = int.from_bytes(b"fedlens", "big")
 
@@ -93,7 +96,17 @@ def _unique_ledger_positions(connection: Connection) -> None:
     )
 
 
-_STEPS = (_Step(2, "one event per position of a site's ledger", _unique_ledger_positions),)
+def _token_expiry(connection: Connection) -> None:
+    if not inspect(connection).has_table("access_tokens"):
+        return  # created with the column by server.access
+    timestamp = UtcDateTime().compile(dialect=connection.dialect)
+    connection.execute(text(f"ALTER TABLE access_tokens ADD COLUMN expires_at {timestamp}"))
+
+
+_STEPS = (
+    _Step(2, "one event per position of a site's ledger", _unique_ledger_positions),
+    _Step(3, "tokens may expire", _token_expiry),
+)
 assert [step.version for step in _STEPS] == list(range(2, SCHEMA_VERSION + 1))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -235,9 +235,47 @@ def test_tokens_issue_authenticate_and_revoke_on_each_backend(database_url: str)
         access.revoke(principal.token_id, now=NOW)
         with pytest.raises(AuthenticationError, match="revoked"):
             access.authenticate(token)
-        ((listed, issued, revoked),) = access.tokens()
-        assert listed == principal
-        # Naive UTC on every backend, as the rest of the store reads times back.
-        assert issued == NOW.replace(tzinfo=None) and revoked == NOW.replace(tzinfo=None)
+        (record,) = access.tokens()
+        assert record.principal == principal
+        # The same UTC times back from every backend.
+        assert record.issued_at == NOW and record.revoked_at == NOW
+        assert record.expires_at is None and not record.active(NOW)
+    finally:
+        store.close()
+
+
+@pytest.mark.both_backends
+def test_a_token_past_its_expiry_is_refused_even_when_remembered(database_url: str) -> None:
+    store = Store(database_url)
+    today = [NOW]
+    try:
+        access = AccessControl(store, wall_clock=lambda: today[0], token_ttl=3600.0)
+        expires = NOW + timedelta(hours=1)
+        principal, token = access.issue("ana", Role.ANALYST, now=NOW, expires_at=expires)
+        assert access.authenticate(token, now=0.0) == principal  # now remembered for an hour
+        (record,) = access.tokens()
+        assert record.expires_at == expires and record.active(NOW)
+        today[0] = expires - timedelta(seconds=1)
+        assert access.authenticate(token, now=1.0) == principal
+        today[0] = expires
+        with pytest.raises(AuthenticationError, match=r"expired at 2026-.*01:00:00"):
+            access.authenticate(token, now=2.0)
+        assert not access.tokens()[0].active(expires)
+        # A token without an expiry is not affected by the time of day.
+        other, forever = access.issue("bo", Role.VIEWER, now=NOW)
+        today[0] = NOW + timedelta(days=10_000)
+        assert access.authenticate(forever, now=3.0) == other
+    finally:
+        store.close()
+
+
+def test_an_expiry_must_be_aware_and_in_the_future(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'fedlens.db'}")
+    try:
+        access = AccessControl(store)
+        for bad in (NOW, NOW - timedelta(days=1), datetime(2027, 1, 1)):
+            with pytest.raises(ConfigurationError, match="expiry"):
+                access.issue("ana", Role.ANALYST, now=NOW, expires_at=bad)
+        assert access.tokens() == []
     finally:
         store.close()

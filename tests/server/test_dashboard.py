@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from fedlens.datasets import load_dataset
+from fedlens.errors import AuthenticationError
 from fedlens.models import build_model
 from fedlens.types import PrivacyCost, Release, ReleasedValue, RoundSpec, SiteLedger
 from privacy import LedgerEvent
@@ -358,3 +359,21 @@ def test_the_budgets_page_shows_what_queued_jobs_reserve(dash: Dashboard) -> Non
         assert submitted.status_code == 303
         held = reserved_cells(client.get("/budgets").text)
         assert len(held) == 2 and all(0 < eps <= 0.5 + 1e-9 for eps in held), held
+
+
+def test_a_session_ends_when_its_token_expires(tmp_path: Path) -> None:
+    today = [NOW]
+    store = Store(f"sqlite:///{tmp_path / 'fedlens.db'}")
+    try:
+        access = AccessControl(store, wall_clock=lambda: today[0])
+        _, token = access.issue("ana", Role.ANALYST, now=NOW, expires_at=NOW + timedelta(hours=1))
+        sessions = SessionStore(access, idle_s=7200, clock=lambda: today[0])
+        session = sessions.open(token)
+        today[0] = NOW + timedelta(minutes=59)
+        assert sessions.check(session.session_id) is session
+        today[0] = NOW + timedelta(minutes=60)
+        assert sessions.check(session.session_id) is None
+        with pytest.raises(AuthenticationError, match="expired"):
+            sessions.open(token)
+    finally:
+        store.close()

@@ -6,6 +6,7 @@ hand, as an older fedlens left it, on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,7 @@ from sqlalchemy.engine import Engine
 from fedlens.errors import StorageError
 from fedlens.types import PrivacyCost, ReleasedValue, SiteLedger
 from privacy import LedgerEvent
+from server.access import AccessControl, Role
 from server.identities import IdentityRegistry
 from server.round_journal import RoundJournal
 from server.schema import SCHEMA_VERSION, schema_version
@@ -313,7 +315,7 @@ def test_an_old_database_is_upgraded_and_keeps_everything(old_database: Engine) 
     Store(url).close()
     with old_database.connect() as c:
         rows = c.execute(text("SELECT version, description FROM schema_version")).all()
-    assert rows == [(2, "one event per position of a site's ledger")]
+    assert rows == [(2, "one event per position of a site's ledger"), (3, "tokens may expire")]
 
 
 def test_a_failed_upgrade_changes_nothing(old_database: Engine) -> None:
@@ -388,3 +390,54 @@ def test_processes_opening_a_new_database_at_once_create_it_once(database_url: s
         assert c.execute(text("SELECT count(*) FROM schema_version")).scalar_one() == 1
     for s in stores:
         s.close()
+
+
+def test_tokens_of_a_version_2_database_keep_working_and_may_expire(database_url: str) -> None:
+    """Version 3 adds ``access_tokens.expires_at``: a token issued before never expires."""
+    store = Store(database_url)
+    store.close()
+    v2 = MetaData()
+    tokens = Table(
+        "access_tokens",
+        v2,
+        Column("token_id", String(32), primary_key=True),
+        Column("name", String(128), nullable=False),
+        Column("role", String(16), nullable=False),
+        Column("secret_hash", LargeBinary(32), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("revoked_at", DateTime(timezone=True), nullable=True),
+    )
+    engine = create_engine(database_url)
+    secret = "s" * 43
+    with engine.begin() as c:
+        v2.create_all(c)
+        c.execute(
+            tokens.insert(),
+            {
+                "token_id": "0123456789abcdef",
+                "name": "ana",
+                "role": "analyst",
+                "secret_hash": hashlib.sha256(secret.encode()).digest(),
+                "created_at": T0,
+                "revoked_at": None,
+            },
+        )
+        c.execute(text("UPDATE schema_version SET version = 2"))
+    assert schema_version(engine) == 2
+
+    store = Store(database_url)
+    try:
+        assert schema_version(store.engine) == SCHEMA_VERSION == 3
+        access = AccessControl(store)
+        old = access.authenticate(f"fl_0123456789abcdef_{secret}")
+        assert (old.name, old.role) == ("ana", Role.ANALYST)
+        (record,) = access.tokens()
+        assert record.expires_at is None and record.issued_at == T0
+        access.issue("bo", Role.VIEWER, now=T0, expires_at=T0 + timedelta(days=1))
+        assert access.tokens()[1].expires_at == T0 + timedelta(days=1)
+    finally:
+        store.close()
+        engine.dispose()
+    with create_engine(database_url).connect() as c:
+        rows = c.execute(text("SELECT version, description FROM schema_version")).all()
+    assert rows == [(2, "created"), (3, "tokens may expire")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from xml.etree import ElementTree
@@ -25,6 +26,7 @@ from server.dashboard import COOKIE, MAX_FORM_BYTES, DashboardServer, start_dash
 from server.dashboard_sessions import SessionStore
 from server.jobs import JobQueue
 from server.storage import Store
+from tests.explain.test_figures import PLOTTED, real_release
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("site-0", "site-1")
@@ -377,3 +379,35 @@ def test_a_session_ends_when_its_token_expires(tmp_path: Path) -> None:
             sessions.open(token)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("kind", [*PLOTTED, "hessian"])
+def test_every_kind_of_release_renders_with_its_card_and_plots(dash: Dashboard, kind: str) -> None:
+    """Each kind's release as its own post-processor makes it, stored and read back."""
+    release = real_release(kind, release_id=f"rel-{kind}")
+    spec = RoundSpec(
+        round_id=release.round_id + kind,
+        kind=kind,
+        site_ids=SITES,
+        length=2,
+        bits=32,
+        scale=1000.0,
+        clip_bound=1.0,
+        labels=("x",),
+    )
+    dash.store.save_round(spec, "complete", now=NOW)
+    dash.store.save_release(replace(release, round_id=spec.round_id), created_at=NOW)
+    with dash.login(Role.VIEWER) as client:
+        page = client.get(f"/releases/rel-{kind}")
+        assert page.status_code == 200, page.text
+        text = page.text
+        assert 'class="card"' in text and "Privacy cost" in text
+        svgs = re.findall(r"<svg.*?</svg>", text, flags=re.S)
+        for svg in svgs:
+            ElementTree.fromstring(svg)
+        if kind == "hessian":
+            assert not svgs and "second-order factors" in text
+        else:
+            assert svgs, f"no plot for {kind}"
+        listed = client.get(f"/releases?kind={kind}").text
+        assert f"rel-{kind}"[:12] in listed

@@ -1,13 +1,12 @@
 """Headless Chromium for the dashboard's browser tests, installed if the machine lacks it.
 
-The test session asks for it once (the ``chromium`` fixture in
-``tests/server/test_dashboard_browser.py``); by hand::
+The dashboard's browser test asks for it once (the ``browser`` fixture in
+``tests/e2e/test_jobs_federation.py``); by hand::
 
     .venv/bin/python -m tests.browser        # prints the browser and driver it found
 
 Without ``chromium`` and ``chromedriver`` (on the ``PATH``, or Debian's ``/usr/bin``) it runs
-``apt-get update`` and ``apt-get install -y chromium chromium-driver`` (as root, or through
-``sudo -n``), waiting for another apt-get's lock rather than failing on it. With
+``apt-get install -y chromium chromium-driver`` (:mod:`tests.apt`). With
 ``FEDLENS_TEST_CHROMIUM`` and ``FEDLENS_TEST_CHROMEDRIVER`` set, those binaries are used and
 nothing is installed.
 
@@ -20,10 +19,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.apt import AptError, apt_install
 
 __all__ = ["BrowserError", "ChromiumBinaries", "find", "install", "launch_flags"]
 
@@ -57,34 +56,14 @@ def find() -> ChromiumBinaries | None:
 
 def install() -> ChromiumBinaries:
     """Install Debian's ``chromium`` and ``chromium-driver`` with apt-get."""
-    if shutil.which("apt-get") is None:
-        raise BrowserError(
-            "Chromium and chromedriver are not installed and there is no apt-get to install "
-            f"them: install both, or set {ENV_BROWSER} and {ENV_DRIVER}"
+    try:
+        apt_install(
+            _PACKAGES,
+            what="Chromium and chromedriver",
+            otherwise=f"install both, or set {ENV_BROWSER} and {ENV_DRIVER}",
         )
-    prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            raise BrowserError(
-                "Chromium is not installed and installing it needs root: run "
-                f"`apt-get install -y {' '.join(_PACKAGES)}` as root"
-            )
-        prefix = ["sudo", "-n", *prefix]
-    wait_for_lock = ["-o", "DPkg::Lock::Timeout=900"]
-    print("installing Chromium and chromedriver with apt-get ...", file=sys.stderr)
-    _run([*prefix, "apt-get", *wait_for_lock, "update"], timeout=900)
-    _run(
-        [
-            *prefix,
-            "apt-get",
-            *wait_for_lock,
-            "install",
-            "-y",
-            "--no-install-recommends",
-            *_PACKAGES,
-        ],
-        timeout=1800,
-    )
+    except AptError as exc:
+        raise BrowserError(str(exc)) from None
     found = find()
     if found is None:
         raise BrowserError("apt-get installed chromium but chromium or chromedriver is not on PATH")
@@ -112,17 +91,6 @@ def launch_flags(profile_dir: Path) -> list[str]:
         "--window-size=1280,900",
         f"--user-data-dir={profile_dir}",
     ]
-
-
-def _run(command: list[str], *, timeout: float) -> None:
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
-    except subprocess.CalledProcessError as exc:
-        raise BrowserError(
-            f"{' '.join(command)} failed ({exc.returncode}): {exc.stderr.strip()[-2000:]}"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise BrowserError(f"{' '.join(command)} took longer than {timeout:.0f} s") from None
 
 
 if __name__ == "__main__":

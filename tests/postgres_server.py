@@ -6,8 +6,8 @@ The test session starts one (the ``postgres`` fixture in ``tests/conftest.py``);
     .venv/bin/python -m tests.postgres_server stop /tmp/fedlens-pg
 
 Without ``initdb`` and ``pg_ctl`` (on the ``PATH`` or under Debian's
-``/usr/lib/postgresql/<version>/bin``) it runs ``apt-get update`` and ``apt-get install -y
-postgresql`` (as root, or through ``sudo -n``). PostgreSQL refuses to run as root, so a root
+``/usr/lib/postgresql/<version>/bin``) it runs ``apt-get install -y postgresql``
+(:mod:`tests.apt`: as root, or through ``sudo -n``). PostgreSQL refuses to run as root, so a root
 process runs the server as the ``postgres`` system user the Debian package creates. The
 cluster lives in the given directory and listens only on a Unix socket there, so it needs
 no free port and nobody else can reach it; it trades durability for speed (``fsync=off``),
@@ -38,6 +38,8 @@ from urllib.parse import quote
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from tests.apt import AptError, apt_install
 
 __all__ = [
     "ENV_URL",
@@ -89,26 +91,14 @@ def find_binaries() -> Path | None:
 
 def install() -> Path:
     """Install PostgreSQL with apt-get (Debian, Ubuntu); returns its binaries' directory."""
-    if shutil.which("apt-get") is None:
-        raise PostgresError(
-            "PostgreSQL is not installed (no initdb/pg_ctl) and there is no apt-get to install "
-            f"it: install PostgreSQL, or point {ENV_URL} at a server"
+    try:
+        apt_install(
+            ["postgresql"],
+            what="PostgreSQL (initdb, pg_ctl)",
+            otherwise=f"install PostgreSQL, or point {ENV_URL} at a server",
         )
-    # env(1) passes the setting through sudo, which would drop it from the environment
-    prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            raise PostgresError(
-                "PostgreSQL is not installed and installing it needs root: run "
-                f"`apt-get install -y postgresql` as root, or point {ENV_URL} at a server"
-            )
-        prefix = ["sudo", "-n", *prefix]
-    print("installing PostgreSQL with apt-get ...", file=sys.stderr)
-    _run([*prefix, "apt-get", "update"], timeout=600)
-    _run(
-        [*prefix, "apt-get", "install", "-y", "--no-install-recommends", "postgresql"],
-        timeout=1200,
-    )
+    except AptError as exc:
+        raise PostgresError(str(exc)) from None
     found = find_binaries()
     if found is None:
         raise PostgresError(

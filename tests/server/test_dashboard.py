@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from xml.etree import ElementTree
@@ -18,7 +17,7 @@ import pytest
 from fedlens.datasets import load_dataset
 from fedlens.errors import AuthenticationError
 from fedlens.models import build_model
-from fedlens.types import PrivacyCost, Release, ReleasedValue, RoundSpec, SiteLedger
+from fedlens.types import ReleasedValue, SiteLedger
 from privacy import LedgerEvent
 from server.access import AccessControl, Role
 from server.aggregation import Aggregator, QueryHandler
@@ -27,6 +26,7 @@ from server.dashboard_sessions import SessionStore
 from server.jobs import JobQueue
 from server.storage import Store
 from tests.explain.test_figures import PLOTTED, real_release
+from tests.server.stored import save_release, store_release
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("site-0", "site-1")
@@ -71,32 +71,16 @@ class Dashboard:
         self.save_release("rel-attribution-1", "global_attribution")
 
     def save_release(self, release_id: str, kind: str) -> None:
-        spec = RoundSpec(
-            round_id=f"round-{release_id}",
-            kind=kind,
-            site_ids=SITES,
-            length=3,
-            bits=32,
-            scale=1000.0,
-            clip_bound=1.0,
-            labels=("age", "sex=Female"),
-        )
-        self.store.save_round(spec, "complete", now=NOW)
-        self.store.save_release(
-            Release(
-                release_id=release_id,
-                round_id=spec.round_id,
-                kind=kind,
-                created_at="",
-                noised_count=812.0,
-                values=(
-                    ReleasedValue("age", 0.31, 0.02),
-                    ReleasedValue("sex=Female", -0.12, 0.02),
-                ),
-                grouped=(ReleasedValue("age", 0.31, 0.02), ReleasedValue("sex", -0.12, 0.02)),
-                costs=tuple(PrivacyCost(s, 0.5, 1e-6, 1.5) for s in SITES),
-            ),
-            created_at=NOW,
+        save_release(
+            self.store,
+            release_id,
+            kind,
+            SITES,
+            now=NOW,
+            values=(ReleasedValue("age", 0.31, 0.02), ReleasedValue("sex=Female", -0.12, 0.02)),
+            grouped=(ReleasedValue("age", 0.31, 0.02), ReleasedValue("sex", -0.12, 0.02)),
+            epsilon=0.5,
+            noised_count=812.0,
         )
 
     def client(self) -> httpx.Client:
@@ -384,19 +368,7 @@ def test_a_session_ends_when_its_token_expires(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", [*PLOTTED, "hessian"])
 def test_every_kind_of_release_renders_with_its_card_and_plots(dash: Dashboard, kind: str) -> None:
     """Each kind's release as its own post-processor makes it, stored and read back."""
-    release = real_release(kind, release_id=f"rel-{kind}")
-    spec = RoundSpec(
-        round_id=release.round_id + kind,
-        kind=kind,
-        site_ids=SITES,
-        length=2,
-        bits=32,
-        scale=1000.0,
-        clip_bound=1.0,
-        labels=("x",),
-    )
-    dash.store.save_round(spec, "complete", now=NOW)
-    dash.store.save_release(replace(release, round_id=spec.round_id), created_at=NOW)
+    store_release(dash.store, real_release(kind, release_id=f"rel-{kind}"), now=NOW)
     with dash.login(Role.VIEWER) as client:
         page = client.get(f"/releases/rel-{kind}")
         assert page.status_code == 200, page.text

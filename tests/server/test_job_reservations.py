@@ -19,12 +19,13 @@ from fedlens.errors import BudgetExceededError
 from fedlens.jobs import Job, JobRequest, JobState
 from fedlens.models import build_model
 from fedlens.query_client import QueryClient
-from fedlens.types import PrivacyCost, Release, ReleasedValue, RoundSpec, SiteLedger
+from fedlens.types import SiteLedger
 from privacy import LedgerEvent, PrivacyLedger, gaussian_noise_multiplier
 from server.aggregation import Aggregator, QueryHandler, Reservation
 from server.grpc_server import serve
 from server.jobs import JobQueue
 from server.storage import Store
+from tests.server.stored import save_release
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("site-0", "site-1", "site-2")
@@ -108,30 +109,7 @@ class Federation:
             self.jobs.finish(job.job_id, reason="site-1 declined", refused=outcome == "refused")
 
     def save_release(self, release_id: str, kind: str) -> None:
-        spec = RoundSpec(
-            round_id=f"round-{release_id}",
-            kind=kind,
-            site_ids=SITES,
-            length=1,
-            bits=32,
-            scale=1000.0,
-            clip_bound=1.0,
-            labels=("x",),
-        )
-        self.store.save_round(spec, "complete", now=NOW)
-        self.store.save_release(
-            Release(
-                release_id=release_id,
-                round_id=spec.round_id,
-                kind=kind,
-                created_at="",
-                noised_count=100.0,
-                values=(ReleasedValue("x", 1.0, 0.1),),
-                grouped=(),
-                costs=tuple(PrivacyCost(s, 1.0, JOB_DELTA, 1.0) for s in SITES),
-            ),
-            created_at=NOW,
-        )
+        save_release(self.store, release_id, kind, SITES, now=NOW, delta=JOB_DELTA)
 
     def submissions(self) -> list[tuple[str, str]]:
         return [

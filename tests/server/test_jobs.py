@@ -24,7 +24,7 @@ from fedlens.errors import (
 from fedlens.jobs import JobRequest, JobState
 from fedlens.models import build_model
 from fedlens.query_client import QueryClient
-from fedlens.types import PrivacyCost, Release, ReleasedValue, RoundSpec, SiteLedger
+from fedlens.types import ReleasedValue, SiteLedger
 from fedlens.v1 import aggregation_pb2, aggregation_pb2_grpc, query_pb2, query_pb2_grpc
 from privacy import LedgerEvent, PrivacyLedger, gaussian_noise_multiplier
 from server.access import AccessControl, Role
@@ -32,6 +32,7 @@ from server.aggregation import Aggregator, QueryHandler
 from server.grpc_server import RunningServer, serve
 from server.jobs import MAX_TEXT, JobQueue
 from server.storage import Store
+from tests.server.stored import save_release
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("site-0", "site-1", "site-2")
@@ -73,29 +74,13 @@ class Coordinator:
         )
 
     def release(self, release_id: str, kind: str = "global_attribution") -> None:
-        spec = RoundSpec(
-            round_id=f"round-{release_id}",
-            kind=kind,
-            site_ids=SITES,
-            length=2,
-            bits=32,
-            scale=1000.0,
-            clip_bound=1.0,
-            labels=("x",),
-        )
-        self.store.save_round(spec, "complete", now=NOW)
-        self.store.save_release(
-            Release(
-                release_id=release_id,
-                round_id=f"round-{release_id}",
-                kind=kind,
-                created_at="",
-                noised_count=100.0,
-                values=(ReleasedValue("x", 1.0, 0.1),),
-                grouped=(ReleasedValue("x", 1.0, 0.1),),
-                costs=tuple(PrivacyCost(s, 1.0, 1e-6, 1.0) for s in SITES),
-            ),
-            created_at=NOW,
+        save_release(
+            self.store,
+            release_id,
+            kind,
+            SITES,
+            now=NOW,
+            grouped=(ReleasedValue("x", 1.0, 0.1),),
         )
 
     def submissions(self) -> list[tuple[str, str]]:

@@ -51,7 +51,7 @@ from server import dashboard_pages as pages
 from server.access import AccessControl, Principal, Role
 from server.dashboard_pages import Viewer
 from server.dashboard_sessions import OPEN_PRINCIPAL, DashboardSession, SessionStore
-from server.jobs import JobQueue
+from server.jobs import FACTOR_KINDS, JobQueue
 from server.query_handler import QueryHandler
 
 __all__ = ["COOKIE", "DashboardServer", "create_app", "start_dashboard"]
@@ -62,7 +62,6 @@ COOKIE = "fedlens_session"
 MAX_FORM_BYTES = 64 * 1024
 LIST_LIMIT = 200
 OVERVIEW_LIMIT = 10
-_FACTOR_KINDS = frozenset({"hessian", "kfac", "ekfac"})
 _EPOCH = datetime.fromtimestamp(0, UTC)
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
@@ -86,7 +85,7 @@ def _status(exc: FedlensError) -> int:
 
 
 def _job_kinds() -> list[str]:
-    return sorted(k for k in available_kinds() if k not in _FACTOR_KINDS)
+    return sorted(k for k in available_kinds() if k not in FACTOR_KINDS)
 
 
 def _params(text: str) -> dict[str, str]:

@@ -78,7 +78,7 @@ from server.influence_rounds import influence_params
 from server.round_specs import explanation_round_spec
 from server.storage import StoredModel
 
-__all__ = ["ANALYST_KEYS", "MAX_PARAMS", "MAX_TEXT", "JobQueue"]
+__all__ = ["ANALYST_KEYS", "FACTOR_KINDS", "MAX_PARAMS", "MAX_TEXT", "JobQueue"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ ANALYST_KEYS = frozenset(
     }
 )
 # Kinds that release factors for influence rounds rather than answer a question.
-_FACTOR_KINDS = frozenset({"hessian", "kfac", "ekfac"})
+#: Kinds that only feed influence rounds: a job may not ask for them.
+FACTOR_KINDS = frozenset({"hessian", "kfac", "ekfac"})
 MAX_PARAMS = 32
 MAX_TEXT = 4096
 # States of a job whose releases are still to come: it reserves them at every site.
@@ -484,7 +485,7 @@ class JobQueue:
         _check_size(request)
         kind = request.kind
         get_kind(kind)  # ConfigurationError naming the available kinds
-        if kind in _FACTOR_KINDS:
+        if kind in FACTOR_KINDS:
             raise ConfigurationError(
                 f"{kind} releases factors for influence rounds; ask for an influence kind "
                 f"({', '.join(sorted(INFLUENCE_KINDS))}) instead"

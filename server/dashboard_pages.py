@@ -281,8 +281,11 @@ def job_page(job: Job, *, viewer: Viewer) -> str:
     what = {
         JobState.QUEUED: "Waiting for the coordinator to start its explanation round.",
         JobState.RUNNING: "The sites are computing their noised contributions.",
-        JobState.DONE: "Done."
-        + (" Answered from a stored release: no privacy was spent." if job.from_cache else ""),
+        JobState.DONE: (
+            "Answered from a stored release: no privacy was spent."
+            if job.from_cache
+            else "The sites answered; the release below is stored and its cost is in their ledgers."
+        ),
         JobState.REFUSED: "Refused: nothing was spent.",
         JobState.FAILED: "Failed: the run broke off.",
     }[job.state]

@@ -16,7 +16,7 @@ from fedlens.types import Release, ReleasedValue
 
 Z95 = 1.96  # a 95% interval of Gaussian noise is value ± Z95 * noise_std
 
-__all__ = ["prediction_card", "release_card"]
+__all__ = ["prediction_card", "prototype_sides", "release_card"]
 
 
 def _join(items: list[str]) -> str:
@@ -340,7 +340,10 @@ def _influence_card(release: Release, top: int) -> str | None:
     return " ".join(sentences)
 
 
-def _prototype_card(release: Release, top: int) -> str | None:
+def prototype_sides(
+    release: Release,
+) -> tuple[dict[str, ReleasedValue], dict[str, ReleasedValue]]:
+    """An ``influence_prototypes`` release's proponent and opponent averages, by column."""
     pro = {
         v.name.removeprefix("proponents/"): v
         for v in release.values
@@ -351,6 +354,11 @@ def _prototype_card(release: Release, top: int) -> str | None:
         for v in release.values
         if v.name.startswith("opponents/")
     }
+    return pro, con
+
+
+def _prototype_card(release: Release, top: int) -> str | None:
+    pro, con = prototype_sides(release)
     both = [c for c in pro if c in con and math.isfinite(pro[c].value - con[c].value)]
     if not both:
         return None

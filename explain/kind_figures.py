@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+from explain.cards import prototype_sides
 from explain.svg_charts import (
     Figure,
     bar_chart,
@@ -211,16 +212,7 @@ def _group_influence_figures(release: Release, top: int) -> list[Figure]:
 
 
 def _prototype_figures(release: Release, top: int) -> list[Figure]:
-    pro = {
-        v.name.removeprefix("proponents/"): v
-        for v in release.values
-        if v.name.startswith("proponents/")
-    }
-    con = {
-        v.name.removeprefix("opponents/"): v
-        for v in release.values
-        if v.name.startswith("opponents/")
-    }
+    pro, con = prototype_sides(release)
     columns = [c for c in pro if c in con]
     if not columns:
         return _generic_figures(release, top)

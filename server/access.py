@@ -393,6 +393,16 @@ class AccessControl:
             row = s.get(_AllowanceRow, token_id)
             return None if row is None else float(row.epsilon)
 
+    def is_active(self, token_id: str) -> bool:
+        """Whether ``token_id`` names a token that is neither revoked nor expired, read from
+        the database now (not remembered)."""
+        with self._store.session() as s:
+            row = s.get(_TokenRow, token_id)
+            if row is None or row.revoked_at is not None:
+                return False
+            expires_at = _aware(row.expires_at)
+            return expires_at is None or self._wall() < expires_at
+
     def tokens(self) -> list[TokenRecord]:
         """Every token: who holds it, when it was issued, revoked and expires (never the
         secret), oldest first."""
